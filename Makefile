@@ -1,0 +1,27 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: test run data bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+data: $(STAMP)
+	$(PY) -m trainrig data
+
+run: $(STAMP) data
+	$(VENV)/bin/trainer fit
+
+bench: $(STAMP) data
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

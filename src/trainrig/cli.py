@@ -1,0 +1,124 @@
+"""The ``trainer`` command line: each command loads config, calls one library function, renders the result."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import config as config_mod
+from .errors import TrainrigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train vision models from one YAML file.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
+app.add_typer(config_app, name="config")
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: the packaged FashionMNIST ResNet18).")
+SetOpt = typer.Option([], "--set", "-s", help="Override one key, e.g. --set optim.lr=3e-4 (repeatable).")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Bad input -> one line on stderr and exit code 2, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrainrigError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _load(config: Optional[Path], overrides: List[str]) -> config_mod.Config:
+    return config_mod.load(config if config is not None else config_mod.default_config_path(), overrides)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+@app.command()
+@user_errors
+def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
+        resume: bool = typer.Option(False, "--resume", help="Continue the run folder <out_dir>/<name> from last.pt."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary.")) -> None:
+    """Train a model as the config says; results go to <out_dir>/<name>/."""
+    from .loop import fit as run_fit
+
+    cfg = _load(config, set_)
+    result = run_fit(cfg, resume=resume, progress="off" if quiet else "auto")
+    table = Table(title=f"{result.config.name}: {len(result.history)} epochs in {result.seconds / 60:.1f} min")
+    for col in ("epoch", "train loss", "train acc", "test loss", "test acc", "lr", "img/s", "s"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        style = "bold green" if r["epoch"] == result.best_epoch else None
+        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", _pct(r["train_acc"]), f"{r['test_loss']:.4f}",
+                      _pct(r["test_acc"]), f"{r['lr']:.2e}", f"{r['images_per_s']:.0f}", f"{r['seconds']:.1f}",
+                      style=style)
+    out.print(table)
+    out.print(f"best test accuracy {_pct(result.best_test_acc)} at epoch {result.best_epoch}; "
+              f"run folder {result.run_dir} (config.yaml, metrics.csv, curves.png, checkpoints/)")
+
+
+@app.command("eval")
+@user_errors
+def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
+          set_: List[str] = SetOpt) -> None:
+    """Evaluate a saved checkpoint on its config's test set."""
+    from .loop import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint, set_)
+    out.print(f"{checkpoint} (epoch {res['epoch']}): test loss {res['test_loss']:.4f}, "
+              f"test accuracy {_pct(res['test_acc'])} on {res['test_samples']} images")
+
+
+@app.command("data")
+@user_errors
+def data_cmd(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) -> None:
+    """Make sure the configured dataset is available, and say where it was found."""
+    from . import data
+
+    cfg = _load(config, set_)
+    if cfg.data.name != "fashion_mnist":
+        out.print(f"data.name={cfg.data.name}: nothing to fetch")
+        return
+    found = data.find_fashion_mnist(cfg.data.root)
+    splits = data.load_fashion_mnist(cfg.data.root)
+    out.print(f"FashionMNIST in {found['train_images'].parent}: {len(splits.train_labels)} train, "
+              f"{len(splits.test_labels)} test images")
+
+
+@config_app.command("show")
+@user_errors
+def config_show(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) -> None:
+    """Print the fully resolved config (defaults <- YAML <- --set) as YAML."""
+    sys.stdout.write(config_mod.dump(_load(config, set_)))
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """List every config key with its type, default and meaning."""
+    table = Table(show_lines=False)
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for row in config_mod.describe():
+        table.add_row(*row)
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

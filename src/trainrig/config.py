@@ -1,0 +1,330 @@
+"""Typed run configuration: defaults -> YAML -> ``--set`` overrides, validated once.
+
+Every key lives in a frozen dataclass below with a default and a help text (``metadata["help"]``),
+which doubles as the reference printed by ``trainer config keys``. Unknown keys are errors that name
+the closest valid key; every problem found is collected into one :class:`ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+        min_exclusive: bool = False) -> Any:
+    """A config field: its default, its help text and an optional numeric range."""
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["fashion_mnist", "synthetic"] = opt(
+        "fashion_mnist", "Dataset: real FashionMNIST (IDX files) or a small synthetic set with a learnable signal.")
+    root: str = opt("data", "Folder searched first for the IDX files; torchvision's download lands here.")
+    batch_size: int = opt(128, "Training batch size (the global batch once several processes train).", min=1)
+    eval_batch_size: int = opt(1024, "Batch size for evaluation (no gradients, so it can be larger).", min=1)
+    subset: Union[int, None] = opt(
+        None, "Train on the first N training images only (quick runs); null = all.", min=1)
+    test_subset: Union[int, None] = opt(
+        None, "Evaluate on the first N test images only; null = all.", min=1)
+    normalize: bool = opt(True, "Subtract the dataset mean and divide by its std (done on whole batches).")
+    flip: bool = opt(False, "Random horizontal flip of training batches.")
+    crop_padding: int = opt(0, "Random crop after zero-padding by this many pixels (0 = off).", min=0)
+    loader: Literal["memory", "dataloader"] = opt(
+        "memory", "memory: batches cut from in-memory tensors (fast); dataloader: torch.utils.data.DataLoader.")
+    num_workers: int = opt(0, "DataLoader worker processes (loader: dataloader only).", min=0)
+    pin_memory: bool = opt(False, "Pin host memory for faster copies to CUDA (loader: dataloader only).")
+    synthetic_train: int = opt(2048, "Number of synthetic training images.", min=1)
+    synthetic_test: int = opt(512, "Number of synthetic test images.", min=1)
+    image_size: int = opt(28, "Side of the synthetic images in pixels (FashionMNIST is always 28).", min=8)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["resnet18", "resnet50"] = opt("resnet18", "torchvision architecture.")
+    weights: Union[str, None] = opt(
+        None, "null (random init) | imagenet (torchvision weight enum) | path to a state_dict file.")
+    in_channels: int = opt(1, "Input channels; a value other than 3 replaces conv1.", min=1)
+    num_classes: int = opt(10, "Output classes; a new fc layer is built for them.", min=2)
+    conv1_init: Literal["xavier", "fold"] = opt(
+        "xavier", "New conv1 init: xavier (source notes) or fold (sum pretrained RGB kernels, keeps features).")
+    finetune: Literal["full", "frozen", "gradual"] = opt(
+        "full", "full: train everything; frozen: only new conv1/fc; gradual: unfreeze layer4, layer3, ... over time.")
+    unfreeze_every: int = opt(1, "gradual: epochs between unfreezing the next backbone stage.", min=1)
+    backbone_lr_scale: float = opt(
+        1.0, "Learning-rate multiplier for pretrained backbone parameters (new layers use optim.lr).", min=0.0)
+    channels_last: bool = opt(True, "Use the channels_last memory format (faster convolutions on CPU and GPU).")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = opt("adamw", "Optimizer.")
+    lr: float = opt(1e-3, "Peak learning rate.", min=0.0, min_exclusive=True)
+    weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", min=0.0)
+    momentum: float = opt(0.9, "SGD momentum.", min=0.0, max=1.0)
+    nesterov: bool = opt(False, "SGD Nesterov momentum.")
+    label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: Literal["none", "cosine", "step", "onecycle"] = opt(
+        "none", "Learning-rate schedule, stepped every batch.")
+    warmup_epochs: float = opt(0.0, "cosine: linear warm-up length in epochs (may be fractional).", min=0.0)
+    min_lr_ratio: float = opt(0.0, "cosine: final lr as a fraction of the peak.", min=0.0, max=1.0)
+    step_size: int = opt(1, "step: epochs between lr drops.", min=1)
+    gamma: float = opt(0.1, "step: lr multiplier at each drop.", min=0.0, min_exclusive=True)
+    pct_start: float = opt(0.25, "onecycle: fraction of training spent rising to the peak.", min=0.0, max=1.0)
+    div_factor: float = opt(25.0, "onecycle: initial lr = peak / div_factor.", min=1.0)
+    final_div_factor: float = opt(1e4, "onecycle: final lr = initial lr / final_div_factor.", min=1.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name>.")
+    out_dir: str = opt("runs", "Parent folder of run folders.")
+    seed: int = opt(0, "Seed for weights, batch order and augmentation.")
+    epochs: int = opt(5, "Number of training epochs.", min=1)
+    device: str = opt("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N.")
+    threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = one per core.", min=0)
+    data: DataConfig = opt(DataConfig(), "Dataset and batching.")
+    model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
+    optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
+    sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if _is_optional(tp):
+        inner = [a for a in get_args(tp) if a is not type(None)][0]
+        return f"{_type_name(inner)} or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _convert(value: Any, tp: Any, from_text: bool) -> Any:
+    """Convert ``value`` to ``tp`` or raise ValueError with what was expected."""
+    if _is_optional(tp):
+        if value is None or (from_text and str(value).strip().lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)][0]
+        return _convert(value, inner, from_text)
+    if get_origin(tp) is Literal:
+        allowed = get_args(tp)
+        text = str(value) if value is not None else None
+        if text in allowed:
+            return text
+        raise ValueError(f"expected {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError("expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError("expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError("expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("expected a string")
+    raise ValueError(f"unsupported type {tp}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_range(path: str, value: Any, meta: dict, problems: list[str]) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"
+        problems.append(f"{path}: expected a value {bound}, got {value!r}")
+    if hi is not None and value > hi:
+        problems.append(f"{path}: expected a value <= {hi}, got {value!r}")
+
+
+def _unknown(path: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{_join(path, close[0])}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"{_join(path, key)}: unknown key{hint}"
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str], from_text: bool) -> Any:
+    """Merge ``raw`` (a dict of overrides) onto the defaults of ``cls``, collecting problems."""
+    base = cls()
+    if raw is None:
+        return base
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'config'}: expected a mapping of keys, got {raw!r}")
+        return base
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in fields:
+            problems.append(_unknown(path, key, list(fields)))
+            continue
+        tp, full = hints[key], _join(path, key)
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, full, problems, from_text)
+            continue
+        try:
+            values[key] = _convert(value, tp, from_text)
+        except ValueError as exc:
+            problems.append(f"{full}: {exc}, got {value!r}")
+            continue
+        _check_range(full, values[key], fields[key].metadata, problems)
+    return dataclasses.replace(base, **values)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["optim.lr=3e-4", "data.flip=true"]`` into a nested dict of raw strings."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is set twice")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with ``yaml.safe_load``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return raw
+
+
+def default_config_path() -> Path:
+    """The packaged default config (the main job: ResNet18 on real FashionMNIST)."""
+    return Path(__file__).parent / "configs" / "fashion_resnet18.yaml"
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         raw: dict | None = None) -> Config:
+    """Resolve defaults -> YAML file (or ``raw`` dict) -> ``--set`` overrides into one Config.
+
+    All problems (unknown keys, wrong types, values out of range) are reported together.
+    """
+    source = dict(raw) if raw is not None else (read_yaml(path) if path is not None else {})
+    problems: list[str] = []
+    file_cfg = _build(Config, source, "", problems, from_text=False)
+    if problems:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + "; ".join(problems))
+    if overrides:
+        merged = _deep_merge(to_dict(file_cfg), parse_overrides(overrides))
+        cfg = _build(Config, merged, "", problems, from_text=True)
+        if problems:
+            raise ConfigError("--set: " + "; ".join(problems))
+        return cfg
+    return file_cfg
+
+
+def from_dict(raw: dict) -> Config:
+    """Rebuild a Config from a dict (e.g. the one stored in a checkpoint)."""
+    return load(raw=raw)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The fully resolved config as YAML; loading this text alone reproduces the run."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows of (key, type, default, help) for every key, nested sections flattened."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key))
+        else:
+            default = getattr(cls(), f.name)
+            rows.append((key, _type_name(tp), yaml.safe_dump(default).strip().removesuffix("\n..."),
+                         f.metadata.get("help", "")))
+    return rows

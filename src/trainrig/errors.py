@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class TrainrigError(Exception):
+    """Bad input the user can fix (config, files, data); never a bug in trainrig."""
+
+
+class ConfigError(TrainrigError):
+    """A config key, type or value is wrong."""
+
+
+class DataError(TrainrigError):
+    """Dataset files are missing or malformed."""
+
+
+class CheckpointError(TrainrigError):
+    """A checkpoint or weights file is missing, unreadable or does not fit the model."""

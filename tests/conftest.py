@@ -1,0 +1,47 @@
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainrig
+
+
+def write_idx(path: Path, array: torch.Tensor, gz: bool = False) -> Path:
+    """Write a uint8 tensor as an IDX file (the format FashionMNIST ships in)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.to(torch.uint8).contiguous().numpy().tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+@pytest.fixture
+def fake_fashion(tmp_path):
+    """A tiny FashionMNIST-shaped dataset in IDX files: 64 train, 32 test images."""
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    parts = {
+        "train-images-idx3-ubyte": torch.randint(0, 256, (64, 28, 28), generator=gen),
+        "train-labels-idx1-ubyte": torch.arange(64) % 10,
+        "t10k-images-idx3-ubyte": torch.randint(0, 256, (32, 28, 28), generator=gen),
+        "t10k-labels-idx1-ubyte": torch.arange(32) % 10,
+    }
+    for i, (name, tensor) in enumerate(parts.items()):
+        write_idx(folder / name, tensor, gz=i % 2 == 0)
+    return folder, parts
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A seconds-long synthetic run writing into tmp_path."""
+    def make(*overrides: str) -> trainrig.Config:
+        base = ["data.name=synthetic", "data.synthetic_train=128", "data.synthetic_test=64",
+                "data.batch_size=32", "data.eval_batch_size=64", "epochs=2", "threads=1",
+                f"out_dir={tmp_path / 'runs'}", "name=tiny", "optim.name=adam", "sched.name=none"]
+        return trainrig.load_config(None, base + list(overrides))
+    return make

@@ -1,0 +1,149 @@
+import gzip
+
+import pytest
+import torch
+
+from trainrig import data
+from trainrig.config import DataConfig
+from trainrig.errors import DataError
+
+from conftest import write_idx
+
+
+def test_read_idx_plain_and_gzip(tmp_path):
+    arr = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    plain = write_idx(tmp_path / "a-idx3-ubyte", arr)
+    gz = write_idx(tmp_path / "b-idx3-ubyte", arr, gz=True)
+    assert torch.equal(data.read_idx(plain), arr)
+    assert torch.equal(data.read_idx(gz), arr)
+    labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
+    assert data.read_idx(write_idx(tmp_path / "l-idx1-ubyte", labels)).tolist() == [3, 1, 4, 1, 5]
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    arr = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    path = write_idx(tmp_path / "x-idx3-ubyte", arr)
+    truncated = tmp_path / "t"
+    truncated.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"declares shape \(4, 28, 28\).*holds 3126 bytes"):
+        data.read_idx(truncated)
+    bad_magic = tmp_path / "m"
+    bad_magic.write_bytes(b"\x01\x02" + path.read_bytes()[2:])
+    with pytest.raises(DataError, match="bad magic"):
+        data.read_idx(bad_magic)
+    wrong_type = tmp_path / "w"
+    wrong_type.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + b"\x00\x00\x00\x01" + b"\x00" * 4))
+    with pytest.raises(DataError, match="0x0d is not supported"):
+        data.read_idx(wrong_type)
+
+
+def test_lookup_order_and_verification(tmp_path, fake_fashion, monkeypatch):
+    folder, parts = fake_fashion
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-system")
+    monkeypatch.setenv("TRAINRIG_DATA", str(folder))
+    found = data.find_fashion_mnist(tmp_path / "empty-root", download=False)
+    assert found["train_images"].parent == folder  # root empty -> $TRAINRIG_DATA
+    splits = data.load_fashion_mnist(tmp_path / "empty-root", download=False)
+    assert torch.equal(splits.train_images, parts["train-images-idx3-ubyte"].to(torch.uint8))
+    assert splits.test_labels.tolist() == (torch.arange(32) % 10).tolist()
+    # data.root wins over $TRAINRIG_DATA, also in torchvision's FashionMNIST/raw layout
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in folder.iterdir():
+        (raw / f.name).write_bytes(f.read_bytes())
+    assert data.find_fashion_mnist(tmp_path / "root", download=False)["test_labels"].parent == raw
+
+
+def test_missing_data_error_lists_places_and_remedies(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "sys")
+    monkeypatch.setenv("TRAINRIG_DATA", str(tmp_path / "env"))
+    with pytest.raises(DataError) as exc:
+        data.find_fashion_mnist(tmp_path / "root", download=False)
+    msg = str(exc.value)
+    for place in ("root", "env", "sys"):
+        assert str(tmp_path / place) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "TRAINRIG_DATA" in msg
+
+
+def test_mismatched_counts_rejected(tmp_path, fake_fashion, monkeypatch):
+    folder, _ = fake_fashion
+    write_idx(folder / "t10k-labels-idx1-ubyte", torch.zeros(31, dtype=torch.uint8))
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink(missing_ok=True)
+    with pytest.raises(DataError, match="31 labels for 32 images"):
+        data.load_fashion_mnist(folder, download=False)
+
+
+def test_real_fashion_mnist_when_installed():
+    """The Debian package (installed by .ci/run) holds the full, balanced dataset."""
+    if data._complete(data.SYSTEM_DIR) is None:
+        pytest.skip("dataset-fashion-mnist not installed (.ci/run installs it)")
+    splits = data.load_fashion_mnist(data.SYSTEM_DIR, download=False)
+    assert splits.train_images.shape == (60000, 28, 28) and splits.test_images.shape == (10000, 28, 28)
+    assert torch.bincount(splits.train_labels).tolist() == [6000] * 10
+    assert torch.bincount(splits.test_labels).tolist() == [1000] * 10
+    mean = splits.train_images.float().div(255).mean().item()
+    assert abs(mean - data.FASHION_MEAN) < 1e-3
+
+
+def _batches(cfg: DataConfig, **kw):
+    return data.build(cfg, device=torch.device("cpu"), **kw)
+
+
+def test_batches_cover_epoch_once_and_reshuffle():
+    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=30, batch_size=16, eval_batch_size=7)
+    train, test, splits = _batches(cfg, seed=3)
+    assert len(train) == 7 and len(test) == 5
+    x, y = next(iter(train))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    expected = (splits.test_images[:1].float() / 255 - splits.mean) / splits.std
+    labels0 = torch.cat([y for _, y in train])
+    assert sorted(labels0.tolist()) == sorted(splits.train_labels.tolist())
+    train.set_epoch(1)
+    labels1 = torch.cat([y for _, y in train])
+    assert not torch.equal(labels0, labels1)
+    train.set_epoch(0)
+    assert torch.equal(torch.cat([y for _, y in train]), labels0)  # same epoch -> same order
+    xt = next(iter(test))[0]
+    assert torch.allclose(xt[0, 0], expected[0], atol=1e-6)
+
+
+def test_flip_and_crop_on_whole_batches():
+    imgs = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 4, 4)
+    tf = data.BatchTransform(mean=0.0, std=1.0, normalize=False, flip=True, channels_last=False)
+    gen = torch.Generator().manual_seed(0)
+    out = tf(imgs, torch.device("cpu"), gen) * 255
+    for i in range(2):
+        row = out[i, 0].round().to(torch.uint8)
+        assert torch.equal(row, imgs[i]) or torch.equal(row, imgs[i].flip(-1))
+    crop = data.BatchTransform(mean=0.0, std=1.0, normalize=False, crop_padding=1, channels_last=False)
+    out = (crop(imgs, torch.device("cpu"), torch.Generator().manual_seed(1)) * 255).round()
+    assert out.shape == (2, 1, 4, 4)
+    padded = torch.nn.functional.pad(imgs.float(), (1, 1, 1, 1))
+    for i in range(2):  # every crop is a 4x4 window of the zero-padded image
+        windows = [padded[i, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i, 0], w) for w in windows)
+
+
+def test_shards_count_each_test_sample_once():
+    parts = [data.shard_indices(10, r, 3, None) for r in range(3)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    perm = torch.randperm(10)
+    train = [data.shard_indices(10, r, 3, perm) for r in range(3)]
+    assert all(len(p) == 4 for p in train)  # padded to 12, like DistributedSampler
+
+
+def test_dataloader_path_matches_memory_path():
+    cfg = DataConfig(name="synthetic", synthetic_train=64, synthetic_test=40, batch_size=16, eval_batch_size=16)
+    _, test_mem, _ = _batches(cfg)
+    _, test_dl, _ = _batches(DataConfig(**{**cfg.__dict__, "loader": "dataloader"}))
+    for (a, ya), (b, yb) in zip(test_mem, test_dl):
+        assert torch.equal(ya, yb) and torch.allclose(a, b)
+    train_dl, _, splits = _batches(DataConfig(**{**cfg.__dict__, "loader": "dataloader"}))
+    assert sorted(torch.cat([y for _, y in train_dl]).tolist()) == sorted(splits.train_labels.tolist())
+
+
+def test_subset():
+    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=50, subset=20, test_subset=10)
+    train, test, _ = _batches(cfg)
+    assert train.num_samples == 20 and test.num_samples == 10
