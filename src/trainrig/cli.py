@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as config_mod
+from .distributed import WorkerFailed
 from .errors import TrainrigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,6 +34,9 @@ def user_errors(fn: Callable) -> Callable:
         except TrainrigError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except WorkerFailed as exc:  # a DDP rank raised: its traceback is above, one line here
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -57,6 +61,8 @@ def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
 
     cfg = _load(config, set_)
     result = run_fit(cfg, resume=resume, progress="off" if quiet else "auto")
+    if result is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
     table = Table(title=f"{result.config.name}: {len(result.history)} epochs in {result.seconds / 60:.1f} min")
     for col in ("epoch", "train loss", "train acc", "test loss", "test acc", "lr", "img/s", "s"):
         table.add_column(col, justify="right")

@@ -92,17 +92,40 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
+class DebugConfig:
+    fail_on_rank: Union[int, None] = opt(
+        None, "Fault injection for tests: this rank raises at its first training step of epoch fail_at_epoch.",
+        min=0)
+    fail_at_epoch: int = opt(0, "Fault injection: the (0-based) epoch in which fail_on_rank raises.", min=0)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name>.")
     out_dir: str = opt("runs", "Parent folder of run folders.")
     seed: int = opt(0, "Seed for weights, batch order and augmentation.")
     epochs: int = opt(5, "Number of training epochs.", min=1)
     device: str = opt("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N.")
-    threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = one per core.", min=0)
+    threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores divided among local processes.", min=0)
+    strategy: Literal["single", "dp", "ddp", "model_parallel"] = opt(
+        "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | model_parallel (stages).")
+    devices: Union[int, Literal["auto"], list[str]] = opt(
+        "auto", "auto | N | [list]. ddp: processes (auto = every local GPU, else 2 CPU processes); dp: GPUs; "
+        "model_parallel: one device per stage, e.g. [cuda:0, cuda:1] or [cpu, cpu].")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "ddp process-group backend; auto = nccl on CUDA, gloo on CPU.")
+    dist_timeout_s: float = opt(
+        300.0, "ddp: collective timeout in seconds; a rank stuck longer (a peer died) fails instead of hanging.",
+        min=1.0)
+    split_at: list[str] = opt(
+        ["layer3"], "model_parallel: ResNet stages that start a new device (len = devices - 1).")
+    split_size: Union[int, None] = opt(
+        None, "model_parallel: micro-batch size for pipelining (stage k runs micro-batch i while k-1 runs i+1); "
+        "null = no pipelining.", min=1)
     data: DataConfig = opt(DataConfig(), "Dataset and batching.")
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
     sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")
+    debug: DebugConfig = opt(DebugConfig(), "Fault injection switches for tests.")
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -117,6 +140,10 @@ def _type_name(tp: Any) -> str:
     if _is_optional(tp):
         inner = [a for a in get_args(tp) if a is not type(None)][0]
         return f"{_type_name(inner)} or null"
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -131,6 +158,23 @@ def _convert(value: Any, tp: Any, from_text: bool) -> Any:
             return None
         inner = [a for a in get_args(tp) if a is not type(None)][0]
         return _convert(value, inner, from_text)
+    if get_origin(tp) in (Union, types.UnionType):  # try each arm in order: devices: 2 | auto | [cpu, cpu]
+        for arm in get_args(tp):
+            try:
+                return _convert(value, arm, from_text)
+            except ValueError:
+                pass
+        raise ValueError(f"expected {_type_name(tp)}")
+    if get_origin(tp) is list:
+        if from_text and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError("expected a list like [a, b]") from None
+        if not isinstance(value, list):
+            raise ValueError("expected a list like [a, b]")
+        (inner,) = get_args(tp)
+        return [_convert(v, inner, from_text) for v in value]
     if get_origin(tp) is Literal:
         allowed = get_args(tp)
         text = str(value) if value is not None else None

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from . import checkpoint, config as config_mod, data, models, report
+from . import checkpoint, config as config_mod, data, distributed, models, report
 from .config import Config, OptimConfig, SchedConfig
-from .distributed import DistEnv, resolve_device
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainrigError
+from .models.parallel import StagedResNet
 from .progress import Progress, ProgressMode, make_progress
 
 
@@ -29,6 +30,7 @@ class FitResult:
     best_epoch: int
     best_test_acc: float
     seconds: float
+    param_checksums: list[float] = dataclasses.field(default_factory=list)  # one per rank
 
     @property
     def final(self) -> dict:
@@ -93,50 +95,61 @@ def lr_factor_fn(c: SchedConfig, epochs: int, steps_per_epoch: int) -> Callable[
 
 # ----------------------------------------------------------------------------- epochs
 
-def train_epoch(model: nn.Module, batches: data.Batches, optimizer: torch.optim.Optimizer,
+Reduce = Callable[[Sequence[float]], list[float]]
+
+
+def _local(values: Sequence[float]) -> list[float]:
+    return [float(v) for v in values]
+
+
+def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module,
-                progress: Progress) -> dict[str, float]:
-    """One pass over the training batches. Running sums stay on the device; floats come out at the end."""
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+                progress: Progress, reduce: Reduce = _local) -> dict[str, float]:
+    """One pass over the training batches. Running sums stay on the device; floats come out at the end
+    (summed over ranks by ``reduce`` under DDP)."""
+    loss_sum = correct = None
     seen = 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches, 1):
         logits = model(x)
+        y = y.to(logits.device, non_blocking=True)  # model parallel: logits come from the last stage
         loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        batch_loss, batch_correct = loss.detach() * y.shape[0], (logits.detach().argmax(1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
         seen += y.shape[0]
         progress.batch(step, loss.item() if progress.wants_loss(step) else None)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-            "images_per_s": seen / max(elapsed, 1e-9)}
+    total_loss, total_correct, total_seen = reduce([
+        0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
+    elapsed = time.perf_counter() - start  # .item() above waited for the device
+    return {"train_loss": total_loss / max(total_seen, 1), "train_acc": total_correct / max(total_seen, 1),
+            "images_per_s": total_seen / max(elapsed, 1e-9)}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: data.Batches) -> dict[str, float]:
-    """Test loss and accuracy over every sample once, no autograd graph built."""
+def evaluate(model: nn.Module, batches: Iterable, reduce: Reduce = _local) -> dict[str, float]:
+    """Test loss and accuracy over every sample exactly once (summed over ranks), no autograd graph built."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = correct = None
     seen = 0
     for x, y in batches:
         logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        y = y.to(logits.device, non_blocking=True)
+        batch_loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        batch_correct = (logits.argmax(1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
         seen += y.shape[0]
     model.train(was_training)
-    return {"test_loss": loss_sum.item() / max(seen, 1), "test_acc": correct.item() / max(seen, 1),
-            "test_samples": seen}
+    total_loss, total_correct, total_seen = reduce([
+        0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
+    return {"test_loss": total_loss / max(total_seen, 1), "test_acc": total_correct / max(total_seen, 1),
+            "test_samples": int(total_seen)}
 
 
 # ----------------------------------------------------------------------------- fit
@@ -144,16 +157,6 @@ def evaluate(model: nn.Module, batches: data.Batches) -> dict[str, float]:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _device(cfg: Config, env: DistEnv) -> torch.device:
-    try:
-        device = resolve_device(cfg.device, env)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {cfg.device!r} is not a device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {cfg.device!r} asked for CUDA but no CUDA device is available; use auto or cpu")
-    return device
 
 
 def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
@@ -166,36 +169,72 @@ def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
     return dataclasses.replace(cfg, name=run_dir.name), run_dir
 
 
+def _main_decides(ctx: distributed.Context, decide: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``decide`` (e.g. picks the run folder) and every rank gets its result or its error."""
+    outcome: Any = None
+    if ctx.env.is_main:
+        try:
+            outcome = ("ok", decide())
+        except TrainrigError as exc:
+            outcome = ("error", exc)
+    status, value = ctx.broadcast_object(outcome)
+    if status == "error":
+        raise value
+    return value
+
+
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                     history: list[dict], cfg: Config) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "history": history, "config": config_mod.to_dict(cfg), "rng": checkpoint.rng_state()}
 
 
+def _build_model(cfg: Config, ctx: distributed.Context) -> nn.Module:
+    model = models.build_model(cfg.model, seed=cfg.seed)
+    if ctx.stage_devices:
+        try:
+            model = StagedResNet(model, cfg.split_at, ctx.stage_devices, cfg.split_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        model = model.to(ctx.device)
+    return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
+
+
+def _inject_failure(batches: Iterable, rank: int) -> Iterator:
+    """debug.fail_on_rank: this rank raises at its first training step (tests that peers do not hang)."""
+    for _ in batches:
+        raise RuntimeError(f"injected failure on rank {rank} (debug.fail_on_rank)")
+    yield from ()
+
+
 def fit(cfg: Config, *, resume: bool = False, progress: ProgressMode | Progress = "auto",
-        on_epoch: Callable[[dict, Path], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict, Path], None] | None = None) -> FitResult | None:
     """Train ``cfg`` from scratch (or from its last checkpoint with ``resume``) and return the metrics.
 
-    Each epoch: train, evaluate under inference mode, append a row of floats to metrics.csv, save
-    last.pt (and best.pt when test accuracy improves) atomically, redraw curves.png, call ``on_epoch``.
+    The strategy decides the processes (distributed.launch); each runs the same epochs: train, evaluate
+    under inference mode, and on rank 0 append a row of floats to metrics.csv, save last.pt (and best.pt
+    when test accuracy improves) atomically, redraw curves.png and call ``on_epoch``. Returns rank 0's
+    result (None on the other ranks of a torchrun launch).
     """
+    return distributed.launch(cfg, functools.partial(_fit_worker, cfg, resume, progress, on_epoch))
+
+
+def _fit_worker(cfg: Config, resume: bool, progress: ProgressMode | Progress,
+                on_epoch: Callable[[dict, Path], None] | None, ctx: distributed.Context) -> FitResult | None:
     started = time.perf_counter()
-    env = DistEnv.from_environ()
-    device = _device(cfg, env)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
+    env, main = ctx.env, ctx.env.is_main
+    torch.set_num_threads(distributed.default_threads(cfg, env.local_world_size))
+    if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    cfg, run_dir = _run_dir(cfg, resume)
+    cfg, run_dir = _main_decides(ctx, lambda: _run_dir(cfg, resume))
     _seed_everything(cfg.seed)
 
-    train_batches, test_batches, splits = data.build(cfg.data, device=device, seed=cfg.seed, rank=env.rank,
+    train_batches, test_batches, splits = data.build(cfg.data, device=ctx.device, seed=cfg.seed, rank=env.rank,
                                                      world=env.world_size, channels_last=cfg.model.channels_last)
     if cfg.model.num_classes < splits.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {splits.num_classes} classes")
-    model = models.build_model(cfg.model, seed=cfg.seed).to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _build_model(cfg, ctx)  # unwrapped: its state_dict is what checkpoints hold
     optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor_fn(cfg.sched, cfg.epochs, max(1, len(train_batches))))
@@ -210,42 +249,56 @@ def fit(cfg: Config, *, resume: bool = False, progress: ProgressMode | Progress 
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         history, first_epoch = list(state["history"]), int(state["epoch"])
-    checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
+    if main:
+        checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
 
-    bar = progress if isinstance(progress, Progress) else make_progress(progress)
-    bar.message(f"run folder: {run_dir}  device: {device}  train/test images: "
-                f"{train_batches.num_samples}/{test_batches.num_samples}")
+    bar = progress if isinstance(progress, Progress) else make_progress(progress if main else "off")
+    where = ", ".join(map(str, ctx.stage_devices)) if ctx.stage_devices else str(ctx.device)
+    bar.message(f"run folder: {run_dir}  strategy: {ctx.strategy} x{env.world_size}  device: {where}  "
+                f"train/test images: {len(splits.train_labels)}/{len(splits.test_labels)}")
     new_layers = models.new_layer_names(cfg.model.in_channels)
     best_acc = max((row["test_acc"] for row in history), default=-1.0)
+    stages, net = None, model
     bar.start(cfg.epochs, first_epoch)
     try:
         for epoch in range(first_epoch, cfg.epochs):
             epoch_start = time.perf_counter()
             model.train()
-            models.apply_unfrozen(model, models.unfrozen_stages(cfg.model.finetune, epoch,
-                                                                cfg.model.unfreeze_every), new_layers)
+            now = models.unfrozen_stages(cfg.model.finetune, epoch, cfg.model.unfreeze_every)
+            models.apply_unfrozen(model, now, new_layers)
+            if now != stages:  # DDP registers the trainable parameters when it wraps: rewrap on change
+                stages, net = now, distributed.wrap(model, ctx)
             train_batches.set_epoch(epoch)
+            fail = cfg.debug.fail_on_rank == env.rank and cfg.debug.fail_at_epoch == epoch
+            batches = _inject_failure(train_batches, env.rank) if fail else train_batches
             bar.start_epoch(epoch + 1, len(train_batches))
             lr = optimizer.param_groups[0]["lr"]
-            row = {"epoch": epoch + 1, **train_epoch(model, train_batches, optimizer, scheduler, loss_fn, bar),
-                   **evaluate(model, test_batches), "lr": lr}
+            row = {"epoch": epoch + 1,
+                   **train_epoch(net, batches, optimizer, scheduler, loss_fn, bar, ctx.all_reduce_sum),
+                   **evaluate(net, test_batches, ctx.all_reduce_sum), "lr": lr}
             row["seconds"] = time.perf_counter() - epoch_start
             history.append(row)
-            state = _training_state(model, optimizer, scheduler, epoch + 1, history, cfg)
-            checkpoint.save(run_dir / "checkpoints" / "last.pt", state)
-            if row["test_acc"] > best_acc:
-                best_acc = row["test_acc"]
-                checkpoint.save(run_dir / "checkpoints" / "best.pt", state)
-            report.write_metrics(run_dir, history)
-            report.plot_curves(run_dir, history, title=cfg.name)
-            bar.end_epoch(row)
-            if on_epoch is not None:
-                on_epoch(row, run_dir)
+            if main:
+                state = _training_state(model, optimizer, scheduler, epoch + 1, history, cfg)
+                checkpoint.save(run_dir / "checkpoints" / "last.pt", state)
+                if row["test_acc"] > best_acc:
+                    best_acc = row["test_acc"]
+                    checkpoint.save(run_dir / "checkpoints" / "best.pt", state)
+                report.write_metrics(run_dir, history)
+                report.plot_curves(run_dir, history, title=cfg.name)
+                bar.end_epoch(row)
+                if on_epoch is not None:
+                    on_epoch(row, run_dir)
     finally:
         bar.close()
+    checksums = ctx.gather_checksums(model)  # DDP ranks must end with the same weights
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"parameters diverged across ranks: checksums {checksums}")
+    if not main:
+        return None
     best = max(history, key=lambda r: r["test_acc"]) if history else {"epoch": 0, "test_acc": float("nan")}
     return FitResult(cfg, run_dir, history, int(best["epoch"]), float(best["test_acc"]),
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, checksums)
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
@@ -255,9 +308,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
         raise CheckpointError(f"{path}: not a trainrig checkpoint (needs 'config' and 'model')")
     cfg = config_mod.load(raw=state["config"], overrides=overrides)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
-    device = _device(cfg, DistEnv())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = distributed.resolve_device(cfg.device)
+    torch.set_num_threads(distributed.default_threads(cfg, 1))
     _, test_batches, _ = data.build(cfg.data, device=device, seed=cfg.seed, channels_last=cfg.model.channels_last)
     model = models.build_model(cfg.model).to(device)
     model.load_state_dict(models.strip_prefixes(state["model"]))

@@ -1,0 +1,95 @@
+"""Training images/s: trainrig vs the plain PyTorch loop of the source notes, on real FashionMNIST.
+
+Plain loop: torchvision ``FashionMNIST`` + ``ToTensor`` + ``DataLoader(num_workers=2)``, the same ResNet18
+surgery, the same optimizer algorithm (AdamW, lr 1e-3) and thread count. trainrig: its in-memory batches,
+channels_last and fused optimizer, through ``loop.train_epoch``. Run: ``python benchmarks/throughput.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from trainrig import config, data, loop, models
+from trainrig.progress import Progress
+
+
+def torchvision_root(tmp: Path) -> Path:
+    """torchvision's FashionMNIST wants decompressed files under root/FashionMNIST/raw."""
+    raw = tmp / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in data.find_fashion_mnist("data", download=False).values():
+        payload = path.read_bytes()
+        (raw / path.name.removesuffix(".gz")).write_bytes(gzip.decompress(payload) if path.suffix == ".gz" else payload)
+    return tmp
+
+
+def plain_model() -> nn.Module:
+    model = torchvision.models.resnet18()
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.fc = nn.Linear(512, 10)
+    return model
+
+
+def plain_images_per_s(root: Path, batch: int, steps: int, warmup: int) -> float:
+    ds = torchvision.datasets.FashionMNIST(str(root), train=True, download=False,
+                                           transform=torchvision.transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2)
+    model = plain_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    seen, start = 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            start, seen = time.perf_counter(), 0
+        if i == warmup + steps:
+            break
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        seen += y.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def trainrig_images_per_s(batch: int, steps: int, warmup: int) -> float:
+    cfg = config.load(None, [f"data.batch_size={batch}", "optim.name=adamw", "optim.lr=1e-3"])
+    train, _, _ = data.build(cfg.data, device=torch.device("cpu"), channels_last=cfg.model.channels_last)
+    model = models.build_model(cfg.model, seed=0).to(memory_format=torch.channels_last)
+    opt = loop.build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    loop.train_epoch(model, itertools.islice(iter(train), warmup), opt, sched, loss_fn, Progress(False))
+    # batch cutting, normalisation and the step are all inside the timed loop
+    return loop.train_epoch(model, itertools.islice(iter(train), steps), opt, sched, loss_fn,
+                            Progress(False))["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--images", type=int, default=3840, help="timed training images per measurement")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.images} timed images per cell")
+    print(f"{'batch':>5} {'plain img/s':>12} {'trainrig img/s':>15} {'ratio':>6}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = torchvision_root(Path(tmp))
+        for batch in args.batch_sizes:
+            steps, warmup = max(1, args.images // batch), 3
+            plain = plain_images_per_s(root, batch, steps, warmup)
+            ours = trainrig_images_per_s(batch, steps, warmup)
+            print(f"{batch:>5} {plain:>12.1f} {ours:>15.1f} {ours / plain:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
