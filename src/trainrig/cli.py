@@ -8,6 +8,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod
@@ -32,10 +33,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except TrainrigError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except WorkerFailed as exc:  # a DDP rank raised: its traceback is above, one line here
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -76,6 +77,26 @@ def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
               f"run folder {result.run_dir} (config.yaml, metrics.csv, curves.png, checkpoints/)")
 
 
+@app.command()
+@user_errors
+def tune(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
+         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted experiment tune.name."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No live trial table.")) -> None:
+    """Search hyperparameters with Ray Tune; writes best.yaml, trials.csv and trials.png."""
+    from .tune import run as run_tune
+
+    result = run_tune(_load(config, set_), resume=resume, verbose=not quiet)
+    table = Table(title=f"trials of {result.experiment_dir}")
+    columns = list(dict.fromkeys(k for row in result.trials for k in row))
+    for col in columns:
+        table.add_column(col.removeprefix("param:"), overflow="fold")
+    for row in result.trials:
+        table.add_row(*(f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
+    out.print(table)
+    out.print(f"best: {result.best_params} -> {result.best_metrics}")
+    out.print(f"best config: {result.best_config_path}  (trainer fit --config {result.best_config_path})")
+
+
 @app.command("eval")
 @user_errors
 def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
@@ -102,6 +123,37 @@ def data_cmd(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) -> No
     splits = data.load_fashion_mnist(cfg.data.root)
     out.print(f"FashionMNIST in {found['train_images'].parent}: {len(splits.train_labels)} train, "
               f"{len(splits.test_labels)} test images")
+
+
+@app.command()
+def gpus(watch: float = typer.Option(0, "--watch", help="Refresh every N seconds (Ctrl-C stops).", min=0)) -> None:
+    """GPU usage table (ID, util %, memory %, per-device total/free, this process's allocated/reserved/peak)."""
+    import time
+
+    from . import memory
+
+    while True:
+        rows = memory.gpu_usage()
+        if not rows:
+            host = memory.host_memory()
+            out.print(f"no CUDA GPU visible (torch.cuda.is_available() is False); host RAM: "
+                      f"{host['available']:.0f} MiB available of {host['total']:.0f} MiB, this process "
+                      f"{host['process_rss']:.0f} MiB")
+        else:
+            table = Table(title="GPU usage (MiB)")
+            for col in ("ID", "name", "GPU util %", "memory %", "total", "free", "allocated", "reserved", "peak"):
+                table.add_column(col, justify="right")
+            for r in rows:
+                pct = (lambda v: "-" if v is None else f"{v:.0f}%")
+                table.add_row(str(r.index), r.name, pct(r.util_percent), pct(r.memory_percent), f"{r.total:.0f}",
+                              f"{r.free:.0f}", f"{r.allocated:.0f}", f"{r.reserved:.0f}", f"{r.peak:.0f}")
+            out.print(table)
+        if not watch:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
 @config_app.command("show")

@@ -92,6 +92,38 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
+class TuneResources:
+    cpu: float = opt(1.0, "CPUs per trial (also the trial's torch threads).", min=0.0, min_exclusive=True)
+    gpu: float = opt(0.0, "GPUs per trial; fractions share a GPU (0.5 = two trials per GPU).", min=0.0)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    name: str = opt("tune", "Experiment name: its folder is <storage_path>/<name>.")
+    search_space: dict = opt(
+        {}, "Dotted fit-config keys -> {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | "
+        "{randint: [lo, hi]} (inclusive) | {pow2: [lo, hi]} (2**k, k in lo..hi) | {grid: [...]}.")
+    searcher: Literal["random", "grid", "hyperopt"] = opt(
+        "hyperopt", "random (also runs grid entries), grid (every grid combination) or hyperopt (TPE).")
+    n_initial_points: int = opt(4, "hyperopt: random trials before TPE starts modelling.", min=1)
+    scheduler: Literal["fifo", "asha", "hyperband"] = opt("fifo", "Trial scheduler; asha/hyperband stop poor trials early.")
+    max_t: Union[int, None] = opt(None, "asha/hyperband: most epochs a trial may run; null = the fit config's epochs.",
+                                  min=1)
+    grace_period: int = opt(1, "asha: epochs every trial runs before it can be stopped.", min=1)
+    reduction_factor: float = opt(2.0, "asha/hyperband: keep 1/reduction_factor of trials at each rung.", min=1.0,
+                                  min_exclusive=True)
+    metric: str = opt("accuracy", "Metric to optimise: accuracy, loss (test), train_loss or train_accuracy.")
+    mode: Literal["max", "min"] = opt("max", "Maximise or minimise the metric.")
+    num_samples: int = opt(8, "Trials to run (with grid entries: samples per grid combination).", min=1)
+    max_concurrent: int = opt(0, "Trials at once; 0 = as many as the cluster's CPUs/GPUs allow.", min=0)
+    resources_per_trial: TuneResources = opt(TuneResources(), "Resources one trial holds.")
+    address: Union[str, None] = opt(None, "Ray cluster to join (e.g. auto or ray://host:10001); null = local Ray.")
+    storage_path: str = opt("runs/tune", "Parent folder of experiment folders.")
+    seed: int = opt(0, "Seed of the searcher (the trials' own seed is the fit config's seed).")
+    object_store_mb: int = opt(256, "Object store size of a local Ray, MB (trials exchange little data).", min=80)
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     fail_on_rank: Union[int, None] = opt(
         None, "Fault injection for tests: this rank raises at its first training step of epoch fail_at_epoch.",
@@ -125,6 +157,7 @@ class Config:
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
     sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")
+    tune: TuneSettings = opt(TuneSettings(), "Hyperparameter search with Ray Tune (trainer tune).")
     debug: DebugConfig = opt(DebugConfig(), "Fault injection switches for tests.")
 
 
@@ -144,6 +177,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -215,6 +250,12 @@ def _convert(value: Any, tp: Any, from_text: bool) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError("expected a string")
+    if tp is dict:  # free-form mapping (tune.search_space); its owner validates the content
+        if from_text and isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, dict):
+            return value
+        raise ValueError("expected a mapping")
     raise ValueError(f"unsupported type {tp}")
 
 
@@ -368,7 +409,6 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key))
         else:
-            default = getattr(cls(), f.name)
-            rows.append((key, _type_name(tp), yaml.safe_dump(default).strip().removesuffix("\n..."),
-                         f.metadata.get("help", "")))
+            shown = yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip().removesuffix("\n...")
+            rows.append((key, _type_name(tp), shown, f.metadata.get("help", "")))
     return rows

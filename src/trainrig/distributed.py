@@ -122,7 +122,7 @@ def ddp_world_size(cfg: Config) -> int:
 
 
 def stage_devices(cfg: Config) -> list[torch.device]:
-    """One device per model-parallel stage."""
+    """One device per model-parallel stage: the given list, N GPUs, or auto (a GPU per stage, else CPU)."""
     n_stages = len(cfg.split_at) + 1
     if isinstance(cfg.devices, list):
         names = cfg.devices
@@ -130,7 +130,7 @@ def stage_devices(cfg: Config) -> list[torch.device]:
         count = cfg.devices if isinstance(cfg.devices, int) else n_stages
         names = [f"cuda:{i % torch.cuda.device_count()}" for i in range(count)]
     else:
-        raise ConfigError("devices: model_parallel without CUDA needs an explicit list, e.g. devices: [cpu, cpu]")
+        names = ["cpu"] * (cfg.devices if isinstance(cfg.devices, int) else n_stages)
     if len(names) != n_stages:
         raise ConfigError(f"devices: {len(names)} devices for {n_stages} stages (split_at: {cfg.split_at}); "
                           f"give one device per stage")
@@ -162,7 +162,7 @@ def _wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 _WRAPPERS: dict[str, Callable[[nn.Module, Context], nn.Module]] = {

@@ -15,3 +15,7 @@ class DataError(TrainrigError):
 
 class CheckpointError(TrainrigError):
     """A checkpoint or weights file is missing, unreadable or does not fit the model."""
+
+
+class OutOfMemory(TrainrigError):
+    """Out of memory even at micro-batch 1 (or for every batch size tried)."""

@@ -1,0 +1,264 @@
+"""Memory: the only module that knows about CUDA memory and out-of-memory errors.
+
+``gpu_usage()`` gives the source notes' GPUtil table as rows (plus torch's per-device figures),
+``free_memory()`` does what people do by hand after an OOM (gc, ``empty_cache``, reset the peak),
+``memory_report()`` measures a block, and ``is_oom()`` recognises an OOM by type before text.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+MiB = 2 ** 20
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError (by type) and the CPU allocator's "can't allocate memory"."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        return "CUDA out of memory" in text or "can't allocate memory" in text or "DefaultCPUAllocator" in text
+    return False
+
+
+def free_memory() -> None:
+    """Drop unreachable tensors, hand cached CUDA blocks back to the driver and reset the peak counters."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """One CUDA device: this process's allocator figures and the device's total / free, in MiB."""
+
+    index: int
+    name: str
+    allocated: float
+    reserved: float
+    peak: float
+    total: float
+    free: float
+    util_percent: float | None = None   # from GPUtil / nvidia-smi, when available
+    memory_percent: float | None = None
+
+
+def _gputil_rows() -> dict[int, tuple[float, float]]:
+    """GPU util % and memory % per device id via GPUtil (nvidia-smi); empty without either."""
+    try:
+        import GPUtil
+
+        return {g.id: (100 * g.load, 100 * g.memoryUtil) for g in GPUtil.getGPUs()}
+    except Exception:  # no GPUtil, no nvidia-smi, or it failed: the torch figures still stand
+        return {}
+
+
+def gpu_usage() -> list[DeviceMemory]:
+    """Rows for every visible CUDA device (empty list without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    smi = _gputil_rows()
+    rows = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        util, mem = smi.get(i, (None, None))
+        rows.append(DeviceMemory(i, torch.cuda.get_device_name(i), torch.cuda.memory_allocated(i) / MiB,
+                                 torch.cuda.memory_reserved(i) / MiB, torch.cuda.max_memory_allocated(i) / MiB,
+                                 total / MiB, free / MiB, util, mem))
+    return rows
+
+
+def host_memory() -> dict[str, float]:
+    """Host RAM in MiB: total and available (from /proc/meminfo), and this process's resident size."""
+    info: dict[str, float] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                if key in ("MemTotal", "MemAvailable"):
+                    info[key] = int(value.split()[0]) / 1024
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    info["ProcessRSS"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return {"total": info.get("MemTotal", float("nan")), "available": info.get("MemAvailable", float("nan")),
+            "process_rss": info.get("ProcessRSS", float("nan"))}
+
+
+@dataclass
+class MemoryReport:
+    """Allocated / reserved / peak MiB per CUDA device before and after a block (filled on exit)."""
+
+    before: dict[int, tuple[float, float]] = field(default_factory=dict)
+    after: dict[int, tuple[float, float]] = field(default_factory=dict)
+    peak: dict[int, float] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        return [f"cuda:{i}: allocated {self.before[i][0]:.0f} -> {self.after[i][0]:.0f} MiB, reserved "
+                f"{self.before[i][1]:.0f} -> {self.after[i][1]:.0f} MiB, peak {self.peak[i]:.0f} MiB"
+                for i in self.after]
+
+
+def _snapshot() -> dict[int, tuple[float, float]]:
+    if not torch.cuda.is_available():
+        return {}
+    return {i: (torch.cuda.memory_allocated(i) / MiB, torch.cuda.memory_reserved(i) / MiB)
+            for i in range(torch.cuda.device_count())}
+
+
+@contextlib.contextmanager
+def memory_report() -> Iterator[MemoryReport]:
+    """``with memory_report() as r: ...`` then ``r.lines()``; empty on a machine without CUDA."""
+    report = MemoryReport(before=_snapshot())
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    try:
+        yield report
+    finally:
+        report.after = _snapshot()
+        report.peak = {i: torch.cuda.max_memory_allocated(i) / MiB for i in report.after}
+
+
+# ----------------------------------------------------------------------------- OOM recovery
+
+class SimulatedOOM(torch.cuda.OutOfMemoryError):
+    """Raised by the ``debug.simulate_oom_above`` switch: behaves like a real CUDA OOM."""
+
+
+def check_simulated(size: int, limit: int | None) -> None:
+    """Fault injection: a micro-batch larger than ``limit`` 'runs out of memory'."""
+    if limit is not None and size > limit:
+        raise SimulatedOOM(f"CUDA out of memory (simulated: micro-batch {size} > debug.simulate_oom_above={limit})")
+
+
+def memory_figures() -> str:
+    """One line of the figures that matter after an OOM: per-GPU free/total and peak, or host RAM."""
+    rows = gpu_usage()
+    if rows:
+        return "; ".join(f"cuda:{r.index} free {r.free:.0f}/{r.total:.0f} MiB, peak {r.peak:.0f} MiB" for r in rows)
+    host = host_memory()
+    return f"host RAM available {host['available']:.0f}/{host['total']:.0f} MiB, process {host['process_rss']:.0f} MiB"
+
+
+class PeerOOM(Exception):
+    """Another DDP rank ran out of memory in this step: retry together."""
+
+
+@dataclass
+class MicroBatcher:
+    """Runs one optimizer step's forward/backward over micro-batches and survives OOM.
+
+    On an OOM (by type, then by the CPU allocator's text) the step's gradients are dropped, memory is
+    freed, the micro-batch is halved (so gradient accumulation doubles, the effective batch and the data
+    order stay the same) and the same batch is redone. Under DDP every rank learns of any rank's OOM
+    through ``agree`` (an all-reduced flag) before the gradient all-reduce, so all ranks retry together.
+    """
+
+    micro: int
+    simulate_above: int | None = None
+    log: Callable[[str], None] = print
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, forward: Callable, backward: Callable, zero_grad: Callable,
+            agree: Callable[[bool], bool], no_sync: Callable) -> tuple:
+        """One step over batch (x, y). ``forward(xc, yc, weight) -> (scaled_loss, loss_sum, correct)`` runs the
+        model on a micro-batch; ``backward(scaled_loss)``; ``agree(flag)`` ORs a flag over ranks; ``no_sync()``
+        is DDP's context for micro-batches whose gradients are not all-reduced yet. Returns (loss_sum, correct)."""
+        while True:
+            try:
+                return self._attempt(x, y, forward, backward, agree, no_sync)
+            except PeerOOM:
+                reason = "another rank ran out of memory"
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                reason = str(exc).splitlines()[0][:160]
+            zero_grad()
+            free_memory()
+            if self.micro <= 1:
+                from .errors import OutOfMemory
+
+                raise OutOfMemory(f"out of memory even at micro-batch 1 ({reason}); {memory_figures()}. "
+                                  f"Try precision: 16-mixed or bf16-mixed, grad_checkpointing: true, or a smaller "
+                                  f"model") from None
+            self.micro = max(1, self.micro // 2)
+            steps = -(-x.shape[0] // self.micro)
+            self.log(f"OOM ({reason}): redoing this batch as micro-batch {self.micro} x {steps} accumulation "
+                     f"(effective batch {x.shape[0]} unchanged)")
+
+    def _attempt(self, x, y, forward, backward, agree, no_sync) -> tuple:
+        n = x.shape[0]
+        chunks = list(zip(x.split(self.micro), y.split(self.micro)))
+        loss_sum = correct = 0
+        agreed = False
+        try:
+            for i, (xc, yc) in enumerate(chunks):
+                last = i == len(chunks) - 1
+                with (contextlib.nullcontext() if last else no_sync()):
+                    check_simulated(xc.shape[0], self.simulate_above)
+                    scaled, batch_loss, batch_correct = forward(xc, yc, xc.shape[0] / n)
+                    if last:
+                        agreed = True
+                        if agree(False):  # all ranks got this far? (one tiny all-reduce under DDP)
+                            raise PeerOOM
+                    backward(scaled)
+                loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+                del scaled
+            return loss_sum, correct
+        except PeerOOM:
+            raise
+        except Exception as exc:
+            if is_oom(exc) and not agreed:
+                agree(True)  # tell the peers, who are waiting in their own agree()
+            elif is_oom(exc):
+                raise RuntimeError(f"out of memory in the synchronised backward, after the ranks agreed; "
+                                   f"lower data.batch_size ({memory_figures()})") from exc
+            raise
+
+
+def find_batch_size(try_step, start: int = 2, limit: int = 4096, margin: float = 0.1, log=print) -> int:
+    """Largest batch for which ``try_step(batch)`` (a real forward+backward+step) runs, less ``margin``.
+
+    Doubles from ``start`` until an OOM or ``limit``, then binary-searches between the last size that ran
+    and the first that failed. Memory is freed after every try.
+    """
+    def fits(size: int) -> bool:
+        try:
+            try_step(size)
+            return True
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            return False
+        finally:
+            free_memory()
+
+    lo, hi = 0, None
+    size = max(1, start)
+    while size <= limit:
+        if not fits(size):
+            hi = size
+            break
+        lo, size = size, size * 2
+    if lo == 0:
+        from .errors import OutOfMemory
+
+        raise OutOfMemory(f"batch_size auto: even batch {start} runs out of memory; {memory_figures()}")
+    if hi is None:
+        hi = min(size, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    chosen = max(1, int(lo * (1 - margin)))
+    log(f"batch_size auto: largest batch that ran {lo}, using {chosen} ({margin:.0%} margin)")
+    return chosen

@@ -1,0 +1,356 @@
+"""Hyperparameter search with Ray Tune: YAML search space -> trials that each call ``loop.fit``.
+
+``run(cfg)`` starts (or joins) Ray, runs the search with the configured searcher and scheduler, and
+writes into the experiment folder ``<storage_path>/<name>/``: ``best.yaml`` (a complete fit config),
+``trials.csv`` (one row per trial) and ``trials.png`` (each trial's metric per epoch).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .checkpoint import atomic_write_text
+from .config import Config
+from .errors import ConfigError
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "pow2", "grid")
+METRICS = {"accuracy": "test_acc", "loss": "test_loss", "train_accuracy": "train_acc", "train_loss": "train_loss"}
+
+
+# ----------------------------------------------------------------------------- search space
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """The fit config with the trial's dotted-key values set (converted and validated by config.load)."""
+    raw = config_mod.to_dict(cfg)
+    for key, value in params.items():
+        _set_dotted(raw, key, value)
+    return config_mod.load(raw=raw)
+
+
+def _candidates(dist: str, args: Any, key: str) -> list[Any]:
+    """Values that stand for the distribution when checking them against the fit config's type."""
+    if dist in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"tune.search_space.{key}: {dist} needs a non-empty list, got {args!r}")
+        return args
+    try:  # YAML 1.1 reads 1e-4 as a string
+        lo, hi = (float(a) for a in args) if isinstance(args, list) and len(args) == 2 else (None, None)
+    except (TypeError, ValueError):
+        lo = hi = None
+    if lo is None or any(isinstance(a, bool) for a in args):
+        raise ConfigError(f"tune.search_space.{key}: {dist} needs [lo, hi] numbers, got {args!r}")
+    if lo >= hi:
+        raise ConfigError(f"tune.search_space.{key}: {dist} needs lo < hi, got [{lo}, {hi}]")
+    if dist == "loguniform" and lo <= 0:
+        raise ConfigError(f"tune.search_space.{key}: loguniform needs lo > 0, got {lo}")
+    if dist in ("randint", "pow2") and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ConfigError(f"tune.search_space.{key}: {dist} needs integer bounds, got [{lo}, {hi}]")
+    if dist == "pow2":
+        return [2 ** int(lo), 2 ** int(hi)]
+    return [int(lo), int(hi)] if dist == "randint" else [lo, hi]
+
+
+def _numeric(args: list) -> bool:
+    try:
+        [float(a) for a in args]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def validate_space(cfg: Config) -> dict[str, tuple[str, Any]]:
+    """Check every search-space entry; return key -> (distribution, arguments). Errors name the key."""
+    space = cfg.tune.search_space
+    if not space:
+        raise ConfigError("tune.search_space: empty; give at least one key, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+    parsed: dict[str, tuple[str, Any]] = {}
+    for key, spec in space.items():
+        key = str(key)
+        if not (isinstance(spec, dict) and len(spec) == 1):
+            raise ConfigError(f"tune.search_space.{key}: expected one distribution like {{choice: [...]}}, got {spec!r}")
+        (dist, args), = spec.items()
+        if dist not in ("choice", "grid") and isinstance(args, list):
+            args = [float(a) if isinstance(a, str) else a for a in args] if _numeric(args) else args
+        if dist not in DISTRIBUTIONS:
+            raise ConfigError(f"tune.search_space.{key}: unknown distribution '{dist}' "
+                              f"(choose from {', '.join(DISTRIBUTIONS)})")
+        if key.split(".")[0] in ("tune", "debug"):
+            raise ConfigError(f"tune.search_space.{key}: not a fit-config key")
+        if dist == "grid" and cfg.tune.searcher == "hyperopt":
+            raise ConfigError(f"tune.search_space.{key}: grid cannot be used with searcher: hyperopt "
+                              f"(use choice, or searcher: grid / random)")
+        for value in _candidates(dist, args, key):
+            try:
+                apply_params(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.search_space.{key}: {exc}") from None
+        parsed[key] = (dist, args)
+    if cfg.tune.searcher == "grid" and any(d not in ("grid", "choice") for d, _ in parsed.values()):
+        bad = [k for k, (d, _) in parsed.items() if d not in ("grid", "choice")]
+        raise ConfigError(f"tune.search_space.{bad[0]}: searcher: grid needs grid or choice entries")
+    return parsed
+
+
+def ray_space(parsed: dict[str, tuple[str, Any]], searcher: str) -> dict[str, Any]:
+    """Ray Tune domains for the parsed space (flat dotted keys)."""
+    from ray import tune
+
+    def domain(dist: str, args: Any) -> Any:
+        if dist == "choice":
+            return tune.grid_search(args) if searcher == "grid" else tune.choice(args)
+        if dist == "grid":
+            return tune.grid_search(args)
+        if dist == "uniform":
+            return tune.uniform(*args)
+        if dist == "loguniform":
+            return tune.loguniform(*args)
+        if dist == "randint":
+            return tune.randint(int(args[0]), int(args[1]) + 1)  # Ray's upper bound is exclusive
+        return tune.choice([2 ** k for k in range(int(args[0]), int(args[1]) + 1)])  # pow2, HyperOpt-friendly
+    return {key: domain(dist, args) for key, (dist, args) in parsed.items()}
+
+
+# ----------------------------------------------------------------------------- the trial
+
+def _trial(params: dict[str, Any], base: dict) -> None:
+    """One trial: the fit config with ``params`` set, trained in-process by ``loop.fit``, reporting
+    every epoch with a checkpoint so schedulers can stop it and a restored experiment can resume it."""
+    from ray import tune
+
+    from .loop import fit
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    cfg = apply_params(config_mod.load(raw=base), params)
+    cfg = dataclasses.replace(cfg, out_dir=str(trial_dir), name="fit",
+                              threads=max(1, int(cfg.tune.resources_per_trial.cpu)))
+    resume = False
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            target = trial_dir / "fit" / "checkpoints" / "last.pt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / "last.pt", target)
+        resume = True
+
+    def report(row: dict, run_dir: Path) -> None:
+        metrics = {name: row[key] for name, key in METRICS.items()}
+        metrics["epoch"] = row["epoch"]
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    fit(cfg, resume=resume, progress="off", on_epoch=report)
+
+
+# ----------------------------------------------------------------------------- running
+
+@dataclass(frozen=True)
+class TuneResult:
+    experiment_dir: Path
+    best_params: dict[str, Any]
+    best_metrics: dict[str, Any]
+    best_config_path: Path
+    trials: list[dict]
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    settings = cfg.tune
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
+                                  logging_level="ERROR")
+    if settings.address:
+        ray.init(address=settings.address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), object_store_memory=settings.object_store_mb * 2**20, **kwargs)
+
+
+def _check_resources(cfg: Config) -> int:
+    """Concurrent trials the cluster can hold; a GPU request where there is none is an error, not a hang."""
+    import ray
+
+    res, settings = ray.cluster_resources(), cfg.tune
+    want = settings.resources_per_trial
+    if want.gpu > 0 and res.get("GPU", 0) < want.gpu:
+        raise ConfigError(f"tune.resources_per_trial.gpu={want.gpu} but the Ray cluster has "
+                          f"{res.get('GPU', 0):g} GPUs; set it to 0 or join a cluster with GPUs (tune.address)")
+    if res.get("CPU", 0) < want.cpu:
+        raise ConfigError(f"tune.resources_per_trial.cpu={want.cpu} but the Ray cluster has {res.get('CPU', 0):g} CPUs")
+    fits = math.floor(res.get("CPU", 0) / want.cpu)
+    if want.gpu > 0:
+        fits = min(fits, math.floor(res.get("GPU", 0) / want.gpu))
+    return max(1, min(fits, settings.max_concurrent or fits))
+
+
+def _searcher(cfg: Config, concurrency: int):
+    settings = cfg.tune
+    if settings.searcher != "hyperopt":
+        return None  # random / grid: Ray's BasicVariantGenerator
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    algo = HyperOptSearch(n_initial_points=settings.n_initial_points, random_state_seed=settings.seed)
+    return ConcurrencyLimiter(algo, max_concurrent=concurrency)
+
+
+def _scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    s = cfg.tune
+    max_t = s.max_t or cfg.epochs
+    builders = {
+        "fifo": lambda: FIFOScheduler(),
+        "asha": lambda: ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=s.grace_period,
+                                      reduction_factor=s.reduction_factor),
+        "hyperband": lambda: HyperBandScheduler(time_attr="training_iteration", max_t=max_t,
+                                                reduction_factor=s.reduction_factor),
+    }
+    return builders[s.scheduler]()
+
+
+def experiment_dir(cfg: Config) -> Path:
+    return Path(cfg.tune.storage_path).resolve() / cfg.tune.name
+
+
+def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResult:
+    """Run (or with ``resume`` continue) the search in ``cfg.tune`` and write the experiment's files."""
+    if cfg.tune.metric not in METRICS:
+        raise ConfigError(f"tune.metric: expected one of {', '.join(METRICS)}, got {cfg.tune.metric!r}")
+    parsed = validate_space(cfg)
+    exp_dir = experiment_dir(cfg)
+    if resume and not exp_dir.is_dir():
+        raise ConfigError(f"--resume: no experiment at {exp_dir}")
+    if not resume and exp_dir.exists() and any(exp_dir.iterdir()):
+        raise ConfigError(f"{exp_dir} already holds an experiment; continue it with --resume or set tune.name")
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the CLIReporter table below is used
+    try:
+        from ray import tune
+    except ImportError:
+        raise ConfigError("trainer tune needs Ray Tune: pip install 'trainrig[tune]'") from None
+
+    _init_ray(cfg)
+    concurrency = _check_resources(cfg)
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(concurrency)
+    res = cfg.tune.resources_per_trial
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=config_mod.to_dict(cfg)),
+                                    {"cpu": res.cpu, "gpu": res.gpu})
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        reporter = tune.CLIReporter(parameter_columns=list(parsed), metric_columns=["epoch", "accuracy", "loss"],
+                                    max_report_frequency=10, print_intermediate_tables=verbose)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=ray_space(parsed, cfg.tune.searcher),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                                        search_alg=_searcher(cfg, concurrency), scheduler=_scheduler(cfg),
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(exp_dir.parent), verbose=1 if verbose else 0,
+                                      progress_reporter=reporter,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+    grid = tuner.fit()
+    return summarise(cfg, grid, exp_dir)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _trial_rows(cfg: Config, grid: Any) -> list[dict]:
+    rows = []
+    metric, better = cfg.tune.metric, (max if cfg.tune.mode == "max" else min)
+    for result in grid:
+        params = {k: v for k, v in (result.config or {}).items()}
+        history = result.metrics_dataframe
+        values = [] if history is None or metric not in history else [float(v) for v in history[metric]]
+        epochs = len(values)
+        target = int(params.get("epochs", cfg.epochs))
+        if result.error is not None:
+            reason = f"error: {str(result.error).strip().splitlines()[-1][:200]}"
+        elif epochs >= target:
+            reason = "completed"
+        else:
+            reason = f"stopped early by {cfg.tune.scheduler}"
+        rows.append({"trial": Path(result.path).name if result.path else "?", **{f"param:{k}": v for k, v in params.items()},
+                     f"final_{metric}": values[-1] if values else float("nan"),
+                     f"best_{metric}": better(values) if values else float("nan"),
+                     "epochs_run": epochs, "stop_reason": reason, "_curve": values})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns and not k.startswith("_")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plot(path: Path, rows: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        curve = row["_curve"]
+        style = "-o" if row["stop_reason"] == "completed" else "--x"
+        ax.plot(range(1, len(curve) + 1), curve, style, label=f"{row['trial'][-12:]} ({row['stop_reason'][:20]})")
+    ax.set(xlabel="epoch", ylabel=metric, title="trials (dashed: stopped early or errored)")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarise(cfg: Config, grid: Any, exp_dir: Path) -> TuneResult:
+    rows = _trial_rows(cfg, grid)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(exp_dir / "trials.csv", rows)
+    _plot(exp_dir / "trials.png", rows, cfg.tune.metric)
+    try:
+        best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
+    except RuntimeError:
+        best = None
+    if best is None or best.config is None:
+        raise ConfigError(f"no trial of {exp_dir} reported {cfg.tune.metric}; see trials.csv")
+    params = dict(best.config)
+    best_cfg = apply_params(cfg, params)
+    best_cfg = dataclasses.replace(best_cfg, name=f"{cfg.tune.name}_best", out_dir="runs",
+                                   tune=config_mod.TuneSettings())
+    best_path = exp_dir / "best.yaml"
+    header = (f"# best trial of {exp_dir.name}: {cfg.tune.metric} "
+              f"{best.metrics.get(cfg.tune.metric)} with {params}\n# trainer fit --config {best_path}\n")
+    atomic_write_text(best_path, header + config_mod.dump(best_cfg))
+    metrics = {k: best.metrics.get(k) for k in ("accuracy", "loss", "epoch")}
+    return TuneResult(exp_dir, params, metrics, best_path, [{k: v for k, v in r.items() if not k.startswith("_")}
+                                                            for r in rows])
+
+
+__all__ = ["run", "validate_space", "apply_params", "ray_space", "TuneResult", "experiment_dir"]

@@ -1,0 +1,113 @@
+"""Ray Tune search, run for real on CPU with tiny synthetic data."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import trainrig
+from trainrig import tune
+from trainrig.cli import app
+from trainrig.errors import ConfigError
+
+runner = CliRunner()
+SPACE = "{optim.lr: {loguniform: [1.0e-4, 3.0e-2]}, optim.name: {choice: [adam, sgd]}}"
+
+
+def tune_cfg(tmp_path, *extra):
+    return trainrig.load_config(None, [
+        "data.name=synthetic", "data.synthetic_train=96", "data.synthetic_test=64", "data.batch_size=32",
+        "epochs=4", f"tune.storage_path={tmp_path}", "tune.name=exp", f"tune.search_space={SPACE}",
+        "tune.num_samples=4", "tune.n_initial_points=2", "tune.resources_per_trial.cpu=1", *extra])
+
+
+@pytest.mark.parametrize("space,message", [
+    ("{optim.lr: {normal: [0, 1]}}", "tune.search_space.optim.lr: unknown distribution 'normal'"),
+    ("{optim.lr: {uniform: [0.1, 0.01]}}", "tune.search_space.optim.lr: uniform needs lo < hi"),
+    ("{optim.lr: {grid: [0.1, 0.01]}}", "tune.search_space.optim.lr: grid cannot be used with searcher: hyperopt"),
+    ("{optim.lrr: {choice: [0.1]}}", "tune.search_space.optim.lrr: optim.lrr: unknown key; did you mean 'optim.lr'"),
+    ("{model.finetune: {choice: [full, thawed]}}", "tune.search_space.model.finetune: model.finetune: expected one of"),
+    ("{optim.lr: 0.1}", "tune.search_space.optim.lr: expected one distribution"),
+])
+def test_search_space_errors_name_the_key(tmp_path, space, message):
+    cfg = tune_cfg(tmp_path, f"tune.search_space={space}")
+    with pytest.raises(ConfigError) as exc:
+        tune.validate_space(cfg)
+    assert message in str(exc.value)
+
+
+def test_cli_search_space_error_exit_2(tmp_path):
+    result = runner.invoke(app, ["tune", "-c", "configs/smoke.yaml", "--set", f"tune.storage_path={tmp_path}",
+                                 "--set", "tune.search_space={epochs: {randint: [5, 2]}}"])
+    assert result.exit_code == 2
+    assert "tune.search_space.epochs: randint needs lo < hi" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_space_conversion_and_params(tmp_path):
+    cfg = tune_cfg(tmp_path, "tune.search_space={data.batch_size: {pow2: [4, 6]}, epochs: {randint: [2, 3]}}")
+    space = tune.ray_space(tune.validate_space(cfg), "hyperopt")
+    assert sorted(space["data.batch_size"].categories) == [16, 32, 64]
+    assert (space["epochs"].lower, space["epochs"].upper) == (2, 4)  # inclusive 2..3
+    applied = tune.apply_params(cfg, {"data.batch_size": 64, "optim.lr": 0.5})
+    assert applied.data.batch_size == 64 and applied.optim.lr == 0.5 and applied.epochs == cfg.epochs
+
+
+def test_hyperopt_asha_end_to_end(tmp_path):
+    cfg = tune_cfg(tmp_path, "tune.scheduler=asha", "tune.max_t=4", "tune.grace_period=1",
+                   "tune.reduction_factor=2")
+    result = tune.run(cfg, verbose=False)
+    exp = result.experiment_dir
+    rows = list(csv.DictReader(open(exp / "trials.csv")))
+    assert len(rows) == 4
+    epochs = [int(r["epochs_run"]) for r in rows]
+    assert min(epochs) < 4 and max(epochs) == 4  # ASHA stopped at least one trial before max_t
+    assert any(r["stop_reason"].startswith("stopped early by asha") for r in rows)
+    assert (exp / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    best = trainrig.load_config(exp / "best.yaml", [f"out_dir={tmp_path / 'runs'}", "epochs=1"])
+    assert best.optim.lr == pytest.approx(result.best_params["optim.lr"])
+    assert trainrig.fit(best, progress="off").history[0]["test_acc"] >= 0
+
+
+def test_refuses_to_overwrite_and_needs_experiment_for_resume(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "trials.csv").write_text("x")
+    with pytest.raises(ConfigError, match="already holds an experiment"):
+        tune.run(tune_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="no experiment at"):
+        tune.run(tune_cfg(tmp_path, "tune.name=other"), resume=True)
+
+
+def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
+    args = ["-m", "trainrig", "tune", "-c", "configs/smoke.yaml", "--quiet",
+            "--set", "data.synthetic_train=96", "--set", "epochs=3", "--set", f"tune.storage_path={tmp_path}",
+            "--set", "tune.name=exp", "--set", "tune.searcher=random", "--set", "tune.num_samples=4",
+            "--set", f"tune.search_space={SPACE}", "--set", "tune.max_concurrent=1"]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    finished: list[Path] = []
+    while time.monotonic() < deadline and len(finished) < 1:
+        time.sleep(1)
+        finished = [m for m in (tmp_path / "exp").glob("*/fit/metrics.csv") if len(m.read_text().splitlines()) == 4]
+    assert finished, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: Ray saves the experiment state and exits
+    proc.wait(timeout=120)
+    stamps = {m: m.stat().st_mtime_ns for m in finished}
+    resumed = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "trials.csv")))
+    assert len(rows) == 4 and all(r["stop_reason"] == "completed" for r in rows)
+    for m, stamp in stamps.items():  # finished trials were not run again
+        assert m.stat().st_mtime_ns == stamp
+    for trial in (tmp_path / "exp").glob("_trial_*"):
+        assert [p.name for p in trial.glob("fit*")] == ["fit"]  # resumed in place, never restarted elsewhere
+        assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs, once each
+    best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
+    assert best["tune"]["search_space"] == {} and best["epochs"] == 3
