@@ -54,7 +54,9 @@ def test_set_overrides_are_typed():
     cfg = config.load(None, ["optim.lr=3e-4", "data.flip=true", "data.subset=100", "model.weights=null"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.data.flip is True and cfg.data.subset == 100 and cfg.model.weights is None
-    with pytest.raises(ConfigError, match="--set: data.batch_size: expected an integer, got 'big'"):
+    with pytest.raises(ConfigError, match="--set: epochs: expected an integer, got 'big'"):
+        config.load(None, ["epochs=big"])
+    with pytest.raises(ConfigError, match="--set: data.batch_size: expected int or one of 'auto', got 'big'"):
         config.load(None, ["data.batch_size=big"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         config.load(None, ["optim.lr"])

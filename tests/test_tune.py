@@ -86,8 +86,8 @@ def test_refuses_to_overwrite_and_needs_experiment_for_resume(tmp_path):
 
 def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     args = ["-m", "trainrig", "tune", "-c", "configs/smoke.yaml", "--quiet",
-            "--set", "data.synthetic_train=96", "--set", "epochs=3", "--set", f"tune.storage_path={tmp_path}",
-            "--set", "tune.name=exp", "--set", "tune.searcher=random", "--set", "tune.num_samples=4",
+            "--set", "data.synthetic_train=96", "--set", "epochs=2", "--set", f"tune.storage_path={tmp_path}",
+            "--set", "tune.name=exp", "--set", "tune.searcher=random", "--set", "tune.num_samples=3",
             "--set", f"tune.search_space={SPACE}", "--set", "tune.max_concurrent=1"]
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -95,7 +95,7 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     finished: list[Path] = []
     while time.monotonic() < deadline and len(finished) < 1:
         time.sleep(1)
-        finished = [m for m in (tmp_path / "exp").glob("*/fit/metrics.csv") if len(m.read_text().splitlines()) == 4]
+        finished = [m for m in (tmp_path / "exp").glob("*/fit/metrics.csv") if len(m.read_text().splitlines()) == 3]
     assert finished, "no trial finished in time"
     os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: Ray saves the experiment state and exits
     proc.wait(timeout=120)
@@ -103,11 +103,11 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     resumed = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "exp" / "trials.csv")))
-    assert len(rows) == 4 and all(r["stop_reason"] == "completed" for r in rows)
+    assert len(rows) == 3 and all(r["stop_reason"] == "completed" for r in rows)
     for m, stamp in stamps.items():  # finished trials were not run again
         assert m.stat().st_mtime_ns == stamp
     for trial in (tmp_path / "exp").glob("_trial_*"):
         assert [p.name for p in trial.glob("fit*")] == ["fit"]  # resumed in place, never restarted elsewhere
-        assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs, once each
+        assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs, once each
     best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
-    assert best["tune"]["search_space"] == {} and best["epochs"] == 3
+    assert best["tune"]["search_space"] == {} and best["epochs"] == 2

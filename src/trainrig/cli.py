@@ -56,11 +56,13 @@ def _pct(x: float) -> str:
 @user_errors
 def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue the run folder <out_dir>/<name> from last.pt."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary.")) -> None:
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary."),
+        batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Shortcut for --set data.batch_size=N|auto "
+                                                                            "(auto: the largest that fits).")) -> None:
     """Train a model as the config says; results go to <out_dir>/<name>/."""
     from .loop import fit as run_fit
 
-    cfg = _load(config, set_)
+    cfg = _load(config, [*set_, *([f"data.batch_size={batch_size}"] if batch_size is not None else [])])
     result = run_fit(cfg, resume=resume, progress="off" if quiet else "auto")
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return

@@ -33,7 +33,11 @@ class DataConfig:
     name: Literal["fashion_mnist", "synthetic"] = opt(
         "fashion_mnist", "Dataset: real FashionMNIST (IDX files) or a small synthetic set with a learnable signal.")
     root: str = opt("data", "Folder searched first for the IDX files; torchvision's download lands here.")
-    batch_size: int = opt(128, "Training batch size (the global batch once several processes train).", min=1)
+    batch_size: Union[int, Literal["auto"]] = opt(
+        128, "Training batch size (the global batch once several processes train); auto = the largest that "
+        "fits, found by real training steps, less auto_batch_margin.", min=1)
+    auto_batch_margin: float = opt(0.1, "batch_size auto: fraction kept free below the largest batch that ran.",
+                                   min=0.0, max=0.9)
     eval_batch_size: int = opt(1024, "Batch size for evaluation (no gradients, so it can be larger).", min=1)
     subset: Union[int, None] = opt(
         None, "Train on the first N training images only (quick runs); null = all.", min=1)
@@ -129,6 +133,11 @@ class DebugConfig:
         None, "Fault injection for tests: this rank raises at its first training step of epoch fail_at_epoch.",
         min=0)
     fail_at_epoch: int = opt(0, "Fault injection: the (0-based) epoch in which fail_on_rank raises.", min=0)
+    simulate_oom_above: Union[int, None] = opt(
+        None, "Fault injection: micro-batches larger than this raise OutOfMemoryError (tests OOM recovery on CPU).",
+        min=0)
+    simulate_oom_rank: Union[int, None] = opt(None, "Fault injection: only this rank simulates OOM; null = every rank.",
+                                              min=0)
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,10 @@ class Config:
     epochs: int = opt(5, "Number of training epochs.", min=1)
     device: str = opt("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N.")
     threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores divided among local processes.", min=0)
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = opt(
+        "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory.")
+    grad_checkpointing: bool = opt(
+        False, "Recompute ResNet stage activations in backward instead of storing them: less memory, more time.")
     strategy: Literal["single", "dp", "ddp", "model_parallel"] = opt(
         "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | model_parallel (stages).")
     devices: Union[int, Literal["auto"], list[str]] = opt(

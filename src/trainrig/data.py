@@ -346,10 +346,20 @@ class LoaderBatches:
 Batches = TensorBatches | LoaderBatches
 
 
+def sample_batch(splits: Splits, size: int, device: torch.device, channels_last: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` training images (repeated if the set is smaller), prepared like a training batch."""
+    idx = torch.arange(size) % len(splits.train_labels)
+    tf = BatchTransform(mean=splits.mean, std=splits.std, channels_last=channels_last)
+    return tf(splits.train_images[idx], device, None), splits.train_labels[idx].to(device)
+
+
 def build(cfg: DataConfig, *, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1,
-          channels_last: bool = True) -> tuple[Batches, Batches, Splits]:
+          channels_last: bool = True, splits: Splits | None = None) -> tuple[Batches, Batches, Splits]:
     """Train and test batch iterators for this process (``rank`` of ``world``), plus the raw splits."""
-    splits = load_splits(cfg, seed)
+    splits = splits if splits is not None else load_splits(cfg, seed)
+    if not isinstance(cfg.batch_size, int):
+        raise DataError(f"data.batch_size={cfg.batch_size!r} must be resolved to a number before batching")
     if cfg.batch_size % world:
         raise DataError(f"data.batch_size={cfg.batch_size} is the global batch and must divide by the "
                         f"{world} processes")

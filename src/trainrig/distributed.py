@@ -6,6 +6,7 @@ workers started here with ``torch.multiprocessing.spawn`` on a free loopback por
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -72,6 +73,26 @@ class Context:
         dist.all_reduce(t)
         return t.tolist()
 
+    def agree_any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (e.g. "I ran out of memory")."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def min_over_ranks(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    @staticmethod
+    def no_sync(net: nn.Module) -> Any:
+        """DDP's context for micro-batches whose gradients are accumulated before one all-reduce."""
+        return net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
@@ -79,6 +100,25 @@ class Context:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_reduce_grads(self, model: nn.Module) -> None:
+        """Average the accumulated gradients over ranks in one coalesced all-reduce (after agree_any)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.env.world_size
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating or saving."""
+        if self.distributed:
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
 
     def gather_checksums(self, model: nn.Module) -> list[float]:
         """Every rank's float64 sum of its parameters (one entry for a single process)."""
@@ -162,7 +202,13 @@ def _wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    # Steps run their micro-batches under no_sync() and all-reduce gradients once, after the ranks agreed
+    # that nobody ran out of memory (memory.MicroBatcher); so no collective may hide in forward either:
+    # BatchNorm statistics are synchronised once per epoch instead (Context.sync_buffers).
+    try:
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    except TypeError:  # torch before forward_sync_buffers
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 _WRAPPERS: dict[str, Callable[[nn.Module, Context], nn.Module]] = {

@@ -19,3 +19,7 @@ class CheckpointError(TrainrigError):
 
 class OutOfMemory(TrainrigError):
     """Out of memory even at micro-batch 1 (or for every batch size tried)."""
+
+
+class CudaFailure(TrainrigError):
+    """A known opaque CUDA failure (cuDNN init, device-side assert), re-raised with its usual cause."""

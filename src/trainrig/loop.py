@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, config as config_mod, data, distributed, models, report
+from . import checkpoint, config as config_mod, data, distributed, memory, models, report
 from .config import Config, OptimConfig, SchedConfig
 from .errors import CheckpointError, ConfigError, TrainrigError
 from .models.parallel import StagedResNet
@@ -102,27 +102,55 @@ def _local(values: Sequence[float]) -> list[float]:
     return [float(v) for v in values]
 
 
+_AMP_DTYPES: dict[str, torch.dtype | None] = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+
+def _no_agreement(flag: bool) -> bool:
+    return flag
+
+
 def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module,
-                progress: Progress, reduce: Reduce = _local) -> dict[str, float]:
+                progress: Progress, reduce: Reduce = _local, *, micro: memory.MicroBatcher | None = None,
+                precision: str = "32", scaler: torch.amp.GradScaler | None = None,
+                agree: Callable[[bool], bool] = _no_agreement,
+                sync_grads: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
     """One pass over the training batches. Running sums stay on the device; floats come out at the end
-    (summed over ranks by ``reduce`` under DDP)."""
+    (summed over ranks by ``reduce`` under DDP). Each step runs through ``micro`` (memory.MicroBatcher),
+    which splits the batch into micro-batches after an OOM; ``precision`` picks autocast, ``scaler`` the
+    fp16 loss scaling."""
+    device_type = next(model.parameters()).device.type
+    amp_dtype = _AMP_DTYPES[precision]
+    micro = micro or memory.MicroBatcher(micro=2 ** 62)
+    scaler = scaler or torch.amp.GradScaler(device_type, enabled=False)
+
+    def forward(xc: torch.Tensor, yc: torch.Tensor, weight: float) -> tuple:
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(xc)
+        yc = yc.to(logits.device, non_blocking=True)  # model parallel: logits come from the last stage
+        loss = loss_fn(logits.float(), yc)
+        scaled = loss if weight == 1 else loss * weight
+        return scaled, loss.detach() * yc.shape[0], (logits.detach().argmax(1) == yc).sum()
+
+    def zero_grad() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
     loss_sum = correct = None
     seen = 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches, 1):
-        logits = model(x)
-        y = y.to(logits.device, non_blocking=True)  # model parallel: logits come from the last stage
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        zero_grad()
+        batch_loss, batch_correct = micro.run(x, y, forward, lambda scaled: scaler.scale(scaled).backward(),
+                                              zero_grad, agree, lambda: distributed.Context.no_sync(model))
+        if sync_grads is not None:
+            sync_grads(model)
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        batch_loss, batch_correct = loss.detach() * y.shape[0], (logits.detach().argmax(1) == y).sum()
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         correct = batch_correct if correct is None else correct + batch_correct
         seen += y.shape[0]
-        progress.batch(step, loss.item() if progress.wants_loss(step) else None)
+        progress.batch(step, batch_loss.item() / y.shape[0] if progress.wants_loss(step) else None)
     total_loss, total_correct, total_seen = reduce([
         0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
     elapsed = time.perf_counter() - start  # .item() above waited for the device
@@ -191,6 +219,8 @@ def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 def _build_model(cfg: Config, ctx: distributed.Context) -> nn.Module:
     model = models.build_model(cfg.model, seed=cfg.seed)
+    if cfg.grad_checkpointing:
+        models.enable_grad_checkpointing(model)
     if ctx.stage_devices:
         try:
             model = StagedResNet(model, cfg.split_at, ctx.stage_devices, cfg.split_size)
@@ -199,6 +229,50 @@ def _build_model(cfg: Config, ctx: distributed.Context) -> nn.Module:
     else:
         model = model.to(ctx.device)
     return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
+
+
+def _preflight(cfg: Config, splits: data.Splits) -> None:
+    """Checks on the host before the first step: on a GPU these fail later as a device-side assert."""
+    labels = torch.cat([splits.train_labels, splits.test_labels])
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.model.num_classes):
+        raise ConfigError(f"labels go up to {int(labels.max())} but model.num_classes={cfg.model.num_classes}: "
+                          f"labels must lie in [0, model.num_classes)")
+    channels = 1 if splits.train_images.ndim == 3 else int(splits.train_images.shape[1])
+    if channels != cfg.model.in_channels:
+        raise ConfigError(f"model.in_channels={cfg.model.in_channels} but the images have {channels} channel"
+                          f"{'s' if channels != 1 else ''}; set model.in_channels={channels}")
+
+
+def _auto_batch_size(cfg: Config, ctx: distributed.Context, model: nn.Module, splits: data.Splits,
+                     resumed_run: Path | None, log: Callable[[str], None]) -> Config:
+    """batch_size: auto -> the largest per-rank batch a real forward+backward+step survives, less the margin,
+    agreed (minimum) over ranks; the global size goes into the run's config. A resumed run keeps its size."""
+    if resumed_run is not None:
+        saved = config_mod.load(resumed_run / "config.yaml").data.batch_size
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=saved))
+    simulate = cfg.debug.simulate_oom_above if cfg.debug.simulate_oom_rank in (None, ctx.env.rank) else None
+    snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+
+    def try_step(size: int) -> None:
+        memory.check_simulated(size, simulate)
+        optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
+        x, y = data.sample_batch(splits, size, ctx.device, cfg.model.channels_last)
+        with torch.autocast(ctx.device.type, dtype=_AMP_DTYPES[cfg.precision] or torch.float32,
+                            enabled=cfg.precision != "32"):
+            logits = model(x)
+        loss_fn(logits.float(), y.to(logits.device)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        per_rank = memory.find_batch_size(try_step, limit=max(2, len(splits.train_labels) // ctx.env.world_size),
+                                          margin=cfg.data.auto_batch_margin, log=log)
+    finally:
+        model.load_state_dict(snapshot)
+    per_rank = ctx.min_over_ranks(per_rank)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank * ctx.env.world_size))
 
 
 def _inject_failure(batches: Iterable, rank: int) -> Iterator:
@@ -229,16 +303,24 @@ def _fit_worker(cfg: Config, resume: bool, progress: ProgressMode | Progress,
         torch.backends.cudnn.benchmark = True
     cfg, run_dir = _main_decides(ctx, lambda: _run_dir(cfg, resume))
     _seed_everything(cfg.seed)
+    bar = progress if isinstance(progress, Progress) else make_progress(progress if main else "off")
 
-    train_batches, test_batches, splits = data.build(cfg.data, device=ctx.device, seed=cfg.seed, rank=env.rank,
-                                                     world=env.world_size, channels_last=cfg.model.channels_last)
-    if cfg.model.num_classes < splits.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {splits.num_classes} classes")
+    splits = data.load_splits(cfg.data, cfg.seed)
+    _preflight(cfg, splits)
     model = _build_model(cfg, ctx)  # unwrapped: its state_dict is what checkpoints hold
+    if cfg.data.batch_size == "auto":
+        cfg = _auto_batch_size(cfg, ctx, model, splits, run_dir if resume else None, bar.message)
+    train_batches, test_batches, _ = data.build(cfg.data, device=ctx.device, seed=cfg.seed, rank=env.rank,
+                                                world=env.world_size, channels_last=cfg.model.channels_last,
+                                                splits=splits)
     optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor_fn(cfg.sched, cfg.epochs, max(1, len(train_batches))))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "16-mixed")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    simulate = cfg.debug.simulate_oom_rank in (None, env.rank)
+    micro = memory.MicroBatcher(micro=train_batches.batch_size, log=bar.message,
+                                simulate_above=cfg.debug.simulate_oom_above if simulate else None)
 
     history: list[dict] = []
     first_epoch = 0
@@ -247,12 +329,13 @@ def _fit_worker(cfg: Config, resume: bool, progress: ProgressMode | Progress,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, first_epoch = list(state["history"]), int(state["epoch"])
     if main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
 
-    bar = progress if isinstance(progress, Progress) else make_progress(progress if main else "off")
     where = ", ".join(map(str, ctx.stage_devices)) if ctx.stage_devices else str(ctx.device)
     bar.message(f"run folder: {run_dir}  strategy: {ctx.strategy} x{env.world_size}  device: {where}  "
                 f"train/test images: {len(splits.train_labels)}/{len(splits.test_labels)}")
@@ -273,13 +356,18 @@ def _fit_worker(cfg: Config, resume: bool, progress: ProgressMode | Progress,
             batches = _inject_failure(train_batches, env.rank) if fail else train_batches
             bar.start_epoch(epoch + 1, len(train_batches))
             lr = optimizer.param_groups[0]["lr"]
-            row = {"epoch": epoch + 1,
-                   **train_epoch(net, batches, optimizer, scheduler, loss_fn, bar, ctx.all_reduce_sum),
-                   **evaluate(net, test_batches, ctx.all_reduce_sum), "lr": lr}
+            with memory.explain_cuda_errors():
+                row = {"epoch": epoch + 1, "lr": lr,
+                       **train_epoch(net, batches, optimizer, scheduler, loss_fn, bar, ctx.all_reduce_sum, micro=micro,
+                                     precision=cfg.precision, scaler=scaler, agree=ctx.agree_any,
+                                     sync_grads=ctx.all_reduce_grads)}
+                ctx.sync_buffers(model)
+                row.update(evaluate(net, test_batches, ctx.all_reduce_sum))
             row["seconds"] = time.perf_counter() - epoch_start
             history.append(row)
             if main:
                 state = _training_state(model, optimizer, scheduler, epoch + 1, history, cfg)
+                state["scaler"] = scaler.state_dict()
                 checkpoint.save(run_dir / "checkpoints" / "last.pt", state)
                 if row["test_acc"] > best_acc:
                     best_acc = row["test_acc"]

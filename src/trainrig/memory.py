@@ -161,8 +161,10 @@ class MicroBatcher:
 
     On an OOM (by type, then by the CPU allocator's text) the step's gradients are dropped, memory is
     freed, the micro-batch is halved (so gradient accumulation doubles, the effective batch and the data
-    order stay the same) and the same batch is redone. Under DDP every rank learns of any rank's OOM
-    through ``agree`` (an all-reduced flag) before the gradient all-reduce, so all ranks retry together.
+    order stay the same) and the same batch is redone. Under DDP the micro-batches run under
+    ``no_sync`` and every rank learns of any rank's OOM through ``agree`` (an all-reduced flag) before
+    the caller all-reduces the gradients, so ranks never disagree about which collective comes next and
+    all retry together.
     """
 
     micro: int
@@ -191,39 +193,29 @@ class MicroBatcher:
                 raise OutOfMemory(f"out of memory even at micro-batch 1 ({reason}); {memory_figures()}. "
                                   f"Try precision: 16-mixed or bf16-mixed, grad_checkpointing: true, or a smaller "
                                   f"model") from None
-            self.micro = max(1, self.micro // 2)
+            self.micro = max(1, min(self.micro, x.shape[0]) // 2)
             steps = -(-x.shape[0] // self.micro)
             self.log(f"OOM ({reason}): redoing this batch as micro-batch {self.micro} x {steps} accumulation "
                      f"(effective batch {x.shape[0]} unchanged)")
 
     def _attempt(self, x, y, forward, backward, agree, no_sync) -> tuple:
         n = x.shape[0]
-        chunks = list(zip(x.split(self.micro), y.split(self.micro)))
         loss_sum = correct = 0
-        agreed = False
         try:
-            for i, (xc, yc) in enumerate(chunks):
-                last = i == len(chunks) - 1
-                with (contextlib.nullcontext() if last else no_sync()):
+            for xc, yc in zip(x.split(self.micro), y.split(self.micro)):
+                with no_sync():  # gradients accumulate locally; the caller all-reduces them once, after agree()
                     check_simulated(xc.shape[0], self.simulate_above)
                     scaled, batch_loss, batch_correct = forward(xc, yc, xc.shape[0] / n)
-                    if last:
-                        agreed = True
-                        if agree(False):  # all ranks got this far? (one tiny all-reduce under DDP)
-                            raise PeerOOM
                     backward(scaled)
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
                 del scaled
-            return loss_sum, correct
-        except PeerOOM:
-            raise
         except Exception as exc:
-            if is_oom(exc) and not agreed:
+            if is_oom(exc):
                 agree(True)  # tell the peers, who are waiting in their own agree()
-            elif is_oom(exc):
-                raise RuntimeError(f"out of memory in the synchronised backward, after the ranks agreed; "
-                                   f"lower data.batch_size ({memory_figures()})") from exc
             raise
+        if agree(False):  # did every rank get through? (one tiny all-reduce under DDP)
+            raise PeerOOM
+        return loss_sum, correct
 
 
 def find_batch_size(try_step, start: int = 2, limit: int = 4096, margin: float = 0.1, log=print) -> int:
@@ -262,3 +254,29 @@ def find_batch_size(try_step, start: int = 2, limit: int = 4096, margin: float =
     chosen = max(1, int(lo * (1 - margin)))
     log(f"batch_size auto: largest batch that ran {lo}, using {chosen} ({margin:.0%} margin)")
     return chosen
+
+
+_CUDA_HINTS = {
+    "CUDNN_STATUS_NOT_INITIALIZED": "cuDNN could not start: usually the GPU is already out of memory when cuDNN "
+                                    "allocates its workspace, or torch's CUDA build does not match the driver; try a "
+                                    "smaller data.batch_size or batch_size: auto, and check `trainer gpus`",
+    "device-side assert triggered": "a CUDA kernel assertion failed, most often a label outside "
+                                    "[0, model.num_classes) or an index out of range; rerun with "
+                                    "CUDA_LAUNCH_BLOCKING=1 (or on CPU) to see the failing operation",
+}
+
+
+@contextlib.contextmanager
+def explain_cuda_errors() -> Iterator[None]:
+    """Re-raise known opaque CUDA failures as one line that says what usually causes them."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if is_oom(exc):
+            raise
+        for needle, hint in _CUDA_HINTS.items():
+            if needle in str(exc):
+                from .errors import CudaFailure
+
+                raise CudaFailure(f"{needle}: {hint}") from exc
+        raise

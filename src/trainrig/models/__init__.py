@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 from .surgery import (BACKBONE_STAGES, apply_unfrozen, fold_conv_weight, new_conv1, new_head,
                       new_layer_names, unfrozen_stages)
 
-__all__ = ["build_model", "load_state_dict_file", "param_groups", "apply_unfrozen", "unfrozen_stages",
+__all__ = ["build_model", "enable_grad_checkpointing", "load_state_dict_file", "param_groups", "apply_unfrozen", "unfrozen_stages",
            "new_layer_names", "fold_conv_weight", "new_conv1", "new_head", "BACKBONE_STAGES"]
 
 _ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
@@ -120,3 +120,25 @@ def param_groups(model: nn.Module, cfg: ModelConfig, lr: float) -> list[dict]:
         return [{"params": head + body, "lr": lr, "name": "all"}]
     return [{"params": head, "lr": lr, "name": "new"},
             {"params": body, "lr": lr * cfg.backbone_lr_scale, "name": "backbone"}]
+
+
+def enable_grad_checkpointing(model: nn.Module, stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+                              ) -> nn.Module:
+    """Recompute each ResNet stage's activations during backward instead of keeping them (an OOM remedy).
+
+    Only the stages' ``forward`` is wrapped, so parameter names - and checkpoints - stay those of the plain
+    model. In train mode BatchNorm's running statistics see the recomputed forward too (updated twice per
+    step); the gradients are unchanged.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for name in stages:
+        stage = getattr(model, name)
+        inner = stage.forward
+
+        def forward(x: torch.Tensor, _inner=inner, _stage=stage) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, x, use_reentrant=False)
+            return _inner(x)
+        stage.forward = forward
+    return model
