@@ -121,3 +121,11 @@ def test_schedules(name):
     if name == "onecycle":
         assert values[0] == pytest.approx(1 / 25) and max(values) == pytest.approx(1.0) and values[-1] < 0.01
         assert math.isclose(max(values), values[10], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_gradual_unfreezing_trains_with_each_optimizer(tiny_cfg, optimizer):
+    """Parameters that start getting gradients mid-run (gradual) must not break the optimizer."""
+    result = trainrig.fit(tiny_cfg("epochs=3", "model.finetune=gradual", f"optim.name={optimizer}",
+                                   "data.synthetic_train=64"), progress="off")
+    assert len(result.history) == 3

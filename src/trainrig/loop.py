@@ -47,9 +47,16 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
+# fused SGD with momentum fails once frozen parameters start getting gradients (gradual unfreezing):
+# its momentum buffers are None for them (torch 2.14), so SGD stays on the foreach kernel
+_FUSED = ("adam", "adamw")
+
+
 def build_optimizer(groups: list[dict], c: OptimConfig) -> torch.optim.Optimizer:
     """The configured optimizer, fused into one kernel where this torch supports it for the device
     (measured on a 2-core CPU: AdamW step of ResNet18 at batch 128 went from 1.99 s to 1.49 s)."""
+    if c.name not in _FUSED:
+        return _OPTIMIZERS[c.name](groups, c)
     try:
         return _OPTIMIZERS[c.name](groups, c, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or no fused kernel for this device/dtype

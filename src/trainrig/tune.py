@@ -203,8 +203,10 @@ def _check_resources(cfg: Config) -> int:
 
 def _searcher(cfg: Config, concurrency: int):
     settings = cfg.tune
-    if settings.searcher != "hyperopt":
-        return None  # random / grid: Ray's BasicVariantGenerator
+    if settings.searcher != "hyperopt":  # random / grid: Ray's variant generator, seeded
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=settings.seed)
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
