@@ -127,10 +127,6 @@ class Context:
         dist.all_gather_object(out, total)
         return out
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 # ----------------------------------------------------------------------------- devices
 

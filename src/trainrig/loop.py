@@ -32,10 +32,6 @@ class FitResult:
     seconds: float
     param_checksums: list[float] = dataclasses.field(default_factory=list)  # one per rank
 
-    @property
-    def final(self) -> dict:
-        return self.history[-1] if self.history else {}
-
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
