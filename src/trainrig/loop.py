@@ -112,6 +112,21 @@ def _no_agreement(flag: bool) -> bool:
     return flag
 
 
+def _autocast(device_type: str, precision: str) -> torch.autocast:
+    """Autocast for ``precision`` (disabled at "32"): the forward passes of training, evaluation and the
+    batch-size probe all run under the same one."""
+    dtype = _AMP_DTYPES[precision]
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _totals(reduce: Reduce, loss_sum: torch.Tensor | None, correct: torch.Tensor | None,
+            seen: int) -> tuple[float, float, int]:
+    """Mean loss, accuracy and sample count over every rank; the one device sync of an epoch."""
+    total_loss, total_correct, total_seen = reduce([
+        0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
+    return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
+
+
 def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module,
                 progress: Progress, reduce: Reduce = _local, *, micro: memory.MicroBatcher | None = None,
@@ -123,12 +138,11 @@ def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opti
     which splits the batch into micro-batches after an OOM; ``precision`` picks autocast, ``scaler`` the
     fp16 loss scaling."""
     device_type = next(model.parameters()).device.type
-    amp_dtype = _AMP_DTYPES[precision]
     micro = micro or memory.MicroBatcher(micro=2 ** 62)
     scaler = scaler or torch.amp.GradScaler(device_type, enabled=False)
 
     def forward(xc: torch.Tensor, yc: torch.Tensor, weight: float) -> tuple:
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with _autocast(device_type, precision):
             logits = model(xc)
         yc = yc.to(logits.device, non_blocking=True)  # model parallel: logits come from the last stage
         loss = loss_fn(logits.float(), yc)
@@ -154,33 +168,33 @@ def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opti
         correct = batch_correct if correct is None else correct + batch_correct
         seen += y.shape[0]
         progress.batch(step, batch_loss.item() / y.shape[0] if progress.wants_loss(step) else None)
-    total_loss, total_correct, total_seen = reduce([
-        0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
-    elapsed = time.perf_counter() - start  # .item() above waited for the device
-    return {"train_loss": total_loss / max(total_seen, 1), "train_acc": total_correct / max(total_seen, 1),
-            "images_per_s": total_seen / max(elapsed, 1e-9)}
+    loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
+    elapsed = time.perf_counter() - start  # .item() in _totals waited for the device
+    return {"train_loss": loss, "train_acc": acc, "images_per_s": total_seen / max(elapsed, 1e-9)}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, reduce: Reduce = _local) -> dict[str, float]:
-    """Test loss and accuracy over every sample exactly once (summed over ranks), no autograd graph built."""
+def evaluate(model: nn.Module, batches: Iterable, reduce: Reduce = _local, *,
+             precision: str = "32") -> dict[str, float]:
+    """Test loss and accuracy over every sample exactly once (summed over ranks), no autograd graph built,
+    under the same autocast as training."""
     was_training = model.training
     model.eval()
+    device_type = next(model.parameters()).device.type
     loss_sum = correct = None
     seen = 0
     for x, y in batches:
-        logits = model(x)
+        with _autocast(device_type, precision):
+            logits = model(x)
         y = y.to(logits.device, non_blocking=True)
-        batch_loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        batch_loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         batch_correct = (logits.argmax(1) == y).sum()
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         correct = batch_correct if correct is None else correct + batch_correct
         seen += y.shape[0]
     model.train(was_training)
-    total_loss, total_correct, total_seen = reduce([
-        0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
-    return {"test_loss": total_loss / max(total_seen, 1), "test_acc": total_correct / max(total_seen, 1),
-            "test_samples": int(total_seen)}
+    loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
+    return {"test_loss": loss, "test_acc": acc, "test_samples": total_seen}
 
 
 # ----------------------------------------------------------------------------- fit
@@ -262,8 +276,7 @@ def _auto_batch_size(cfg: Config, ctx: distributed.Context, model: nn.Module, sp
         memory.check_simulated(size, simulate)
         optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
         x, y = data.sample_batch(splits, size, ctx.device, cfg.model.channels_last)
-        with torch.autocast(ctx.device.type, dtype=_AMP_DTYPES[cfg.precision] or torch.float32,
-                            enabled=cfg.precision != "32"):
+        with _autocast(ctx.device.type, cfg.precision):
             logits = model(x)
         loss_fn(logits.float(), y.to(logits.device)).backward()
         optimizer.step()
@@ -365,7 +378,7 @@ def _fit_worker(cfg: Config, resume: bool, progress: ProgressMode | Progress,
                                      precision=cfg.precision, scaler=scaler, agree=ctx.agree_any,
                                      sync_grads=ctx.all_reduce_grads)}
                 ctx.sync_buffers(model)
-                row.update(evaluate(net, test_batches, ctx.all_reduce_sum))
+                row.update(evaluate(net, test_batches, ctx.all_reduce_sum, precision=cfg.precision))
             row["seconds"] = time.perf_counter() - epoch_start
             history.append(row)
             if main:
@@ -406,4 +419,4 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
     model.load_state_dict(models.strip_prefixes(state["model"]))
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return {"epoch": int(state.get("epoch", 0)), **evaluate(model, test_batches)}
+    return {"epoch": int(state.get("epoch", 0)), **evaluate(model, test_batches, precision=cfg.precision)}
