@@ -74,6 +74,12 @@ def test_every_field_has_help():
     assert all(help_text for _, _, _, help_text in rows)
 
 
+def test_readme_reference_lists_every_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [key for key, *_ in config.describe() if f"| `{key}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}"
+
+
 @pytest.mark.parametrize("yaml_text,expected", [
     ("optimm:\n  lr: 1\n", "optimm: unknown key; did you mean 'optim'"),
     ("epochs: 1.5\n", "epochs: expected an integer, got 1.5"),

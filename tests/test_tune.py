@@ -1,5 +1,6 @@
 """Ray Tune search, run for real on CPU with tiny synthetic data."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -95,7 +96,10 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     finished: list[Path] = []
     while time.monotonic() < deadline and len(finished) < 1:
         time.sleep(1)
-        finished = [m for m in (tmp_path / "exp").glob("*/fit/metrics.csv") if len(m.read_text().splitlines()) == 3]
+        runs = sorted((tmp_path / "exp").glob("_trial_*/fit"), key=lambda run: run.parent.name)
+        # one trial at a time, in order: a trial has ended (for Ray too) once the next one has started
+        finished = [run / "metrics.csv" for run in runs[:-1] if (run / "metrics.csv").is_file()
+                    and len((run / "metrics.csv").read_text().splitlines()) == 3]
     assert finished, "no trial finished in time"
     os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: Ray saves the experiment state and exits
     proc.wait(timeout=120)
@@ -109,5 +113,7 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     for trial in (tmp_path / "exp").glob("_trial_*"):
         assert [p.name for p in trial.glob("fit*")] == ["fit"]  # resumed in place, never restarted elsewhere
         assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs, once each
+        ran = yaml.safe_load((trial / "fit" / "config.yaml").read_text())  # reused actors: each its own params
+        assert ran["optim"]["lr"] == pytest.approx(json.loads((trial / "params.json").read_text())["optim.lr"])
     best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
     assert best["tune"]["search_space"] == {} and best["epochs"] == 2

@@ -114,8 +114,9 @@ class TuneSettings:
     max_t: Union[int, None] = opt(None, "asha/hyperband: most epochs a trial may run; null = the fit config's epochs.",
                                   min=1)
     grace_period: int = opt(1, "asha: epochs every trial runs before it can be stopped.", min=1)
-    reduction_factor: float = opt(2.0, "asha/hyperband: keep 1/reduction_factor of trials at each rung.", min=1.0,
-                                  min_exclusive=True)
+    reduction_factor: Union[float, None] = opt(
+        None, "asha/hyperband: keep 1/reduction_factor of trials at each rung; null = Ray's default "
+        "(asha 4, hyperband 3).", min=1.0, min_exclusive=True)
     metric: str = opt("accuracy", "Metric to optimise: accuracy, loss (test), train_loss or train_accuracy.")
     mode: Literal["max", "min"] = opt("max", "Maximise or minimise the metric.")
     num_samples: int = opt(8, "Trials to run (with grid entries: samples per grid combination).", min=1)
@@ -124,6 +125,8 @@ class TuneSettings:
     address: Union[str, None] = opt(None, "Ray cluster to join (e.g. auto or ray://host:10001); null = local Ray.")
     storage_path: str = opt("runs/tune", "Parent folder of experiment folders.")
     seed: int = opt(0, "Seed of the searcher (the trials' own seed is the fit config's seed).")
+    reuse_actors: bool = opt(True, "Run the next trial in a finished trial's worker process (skips process start "
+                             "and imports; trials then share one process's memory, one after another).")
     object_store_mb: int = opt(256, "Object store size of a local Ray, MB (trials exchange little data).", min=80)
 
 

@@ -129,6 +129,20 @@ def ray_space(parsed: dict[str, tuple[str, Any]], searcher: str) -> dict[str, An
 
 # ----------------------------------------------------------------------------- the trial
 
+def _trial_folder() -> Path:
+    """This trial's folder in the experiment. ``get_trial_dir()`` is right only for an actor's first
+    trial: a reused actor (``reuse_actors``) is handed a scratch working folder that is never synced back,
+    so where the experiment lives on a local (or shared) file system, ask the storage for the real one."""
+    import pyarrow.fs
+    from ray import tune
+
+    context = tune.get_context()
+    storage = context.get_storage()
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(storage.trial_fs_path)
+    return Path(context.get_trial_dir())
+
+
 def _trial(params: dict[str, Any], base: dict) -> None:
     """One trial: the fit config with ``params`` set, trained in-process by ``loop.fit``, reporting
     every epoch with a checkpoint so schedulers can stop it and a restored experiment can resume it."""
@@ -136,18 +150,20 @@ def _trial(params: dict[str, Any], base: dict) -> None:
 
     from .loop import fit
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    trial_dir = _trial_folder()
     cfg = apply_params(config_mod.load(raw=base), params)
     cfg = dataclasses.replace(cfg, out_dir=str(trial_dir), name="fit",
                               threads=max(1, int(cfg.tune.resources_per_trial.cpu)))
-    resume = False
-    restored = tune.get_checkpoint()
+    restored, run_dir = tune.get_checkpoint(), trial_dir / "fit"
     if restored is not None:
         with restored.as_directory() as folder:
-            target = trial_dir / "fit" / "checkpoints" / "last.pt"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(folder) / "last.pt", target)
-        resume = True
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / "last.pt", run_dir / "checkpoints" / "last.pt")
+    elif run_dir.exists():
+        # Ray restarts this trial from scratch (interrupted before its first reported epoch): the
+        # folder of that attempt holds nothing Ray kept, so it is replaced rather than left beside a fit-2
+        print(f"trainrig: trial restarted from scratch; replacing its unreported attempt in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
 
     def report(row: dict, run_dir: Path) -> None:
         metrics = {name: row[key] for name, key in METRICS.items()}
@@ -156,7 +172,7 @@ def _trial(params: dict[str, Any], base: dict) -> None:
             shutil.copyfile(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    fit(cfg, resume=resume, progress="off", on_epoch=report)
+    fit(cfg, resume=restored is not None, progress="off", on_epoch=report)
 
 
 # ----------------------------------------------------------------------------- running
@@ -170,7 +186,8 @@ class TuneResult:
     trials: list[dict]
 
 
-def _init_ray(cfg: Config) -> None:
+def start_ray(cfg: Config) -> None:
+    """Join ``tune.address`` or start a small local Ray (once per process; later calls do nothing)."""
     import ray
 
     settings = cfg.tune
@@ -218,13 +235,13 @@ def _scheduler(cfg: Config):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     s = cfg.tune
-    max_t = s.max_t or cfg.epochs
+    rungs: dict[str, Any] = {"time_attr": "training_iteration", "max_t": s.max_t or cfg.epochs}
+    if s.reduction_factor is not None:  # else Ray's own default for the scheduler
+        rungs["reduction_factor"] = s.reduction_factor
     builders = {
         "fifo": lambda: FIFOScheduler(),
-        "asha": lambda: ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=s.grace_period,
-                                      reduction_factor=s.reduction_factor),
-        "hyperband": lambda: HyperBandScheduler(time_attr="training_iteration", max_t=max_t,
-                                                reduction_factor=s.reduction_factor),
+        "asha": lambda: ASHAScheduler(grace_period=s.grace_period, **rungs),
+        "hyperband": lambda: HyperBandScheduler(**rungs),
     }
     return builders[s.scheduler]()
 
@@ -250,7 +267,7 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
     except ImportError:
         raise ConfigError("trainer tune needs Ray Tune: pip install 'trainrig[tune]'") from None
 
-    _init_ray(cfg)
+    start_ray(cfg)
     concurrency = _check_resources(cfg)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(concurrency)
     res = cfg.tune.resources_per_trial
@@ -266,7 +283,7 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
             param_space=ray_space(parsed, cfg.tune.searcher),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                         search_alg=_searcher(cfg, concurrency), scheduler=_scheduler(cfg),
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=concurrency, reuse_actors=cfg.tune.reuse_actors),
             run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(exp_dir.parent), verbose=1 if verbose else 0,
                                       progress_reporter=reporter,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
