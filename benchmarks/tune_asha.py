@@ -2,7 +2,8 @@
 
 HyperOpt with ``n_initial_points = num_samples`` draws every trial from its seeded random start, so
 both runs train exactly the same configurations; only the scheduler differs. Prints the wall time of
-each, their ratio and the best accuracy of each. Run: ``python benchmarks/tune_asha.py``.
+each, their ratio and the best accuracy of each. ``--reduction-factor 2 3 4`` runs FIFO once and ASHA
+once per factor (default: the config's). Run: ``python benchmarks/tune_asha.py``.
 """
 from __future__ import annotations
 
@@ -18,27 +19,36 @@ from trainrig import tune
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs = ASHA's max_t (default: the config's)")
     parser.add_argument("--subset", type=int, default=1000)
+    parser.add_argument("--reduction-factor", type=float, nargs="+", default=None)
     args = parser.parse_args()
     config = Path(__file__).parents[1] / "configs" / "tune_asha.yaml"
+    epochs = args.epochs or trainrig.load_config(config).tune.max_t
+    factors = args.reduction_factor or [trainrig.load_config(config).tune.reduction_factor]
+    runs = [("fifo", "tune.scheduler=fifo")] + [(f"asha rf {rf:g}", f"tune.reduction_factor={rf}") for rf in factors]
     results = {}
+    tune.start_ray(trainrig.load_config(config))  # outside the timings: the runs share one local Ray
     with tempfile.TemporaryDirectory() as tmp:
-        for scheduler in ("fifo", "asha"):
+        for i, (label, setting) in enumerate(runs):
+            scheduler = "fifo" if label == "fifo" else "asha"
             cfg = trainrig.load_config(config, [
-                f"tune.scheduler={scheduler}", f"tune.name={scheduler}", f"tune.storage_path={tmp}",
+                f"tune.scheduler={scheduler}", setting, f"tune.name=run{i}", f"tune.storage_path={tmp}",
                 f"tune.num_samples={args.samples}", f"tune.n_initial_points={args.samples}", "tune.seed=0",
-                f"epochs={args.epochs}", f"tune.max_t={args.epochs}", f"data.subset={args.subset}",
+                f"epochs={epochs}", f"tune.max_t={epochs}", f"data.subset={args.subset}",
                 f"data.test_subset={args.subset // 2}"])
             start = time.perf_counter()
             result = tune.run(cfg, verbose=False)
             wall = time.perf_counter() - start
-            epochs = sum(int(t["epochs_run"]) for t in result.trials)
+            trial_epochs = sorted((int(t["epochs_run"]) for t in result.trials), reverse=True)
             best = max(float(t["best_accuracy"]) for t in result.trials)
-            results[scheduler] = (wall, best)
-            print(f"{scheduler:>4}: {wall:6.1f} s, {epochs} trial-epochs, best accuracy {100 * best:.2f}%", flush=True)
-    (fifo_t, fifo_acc), (asha_t, asha_acc) = results["fifo"], results["asha"]
-    print(f"ASHA speed-up {fifo_t / asha_t:.2f}x; best accuracy ASHA - FIFO = {100 * (asha_acc - fifo_acc):+.2f} points")
+            results[label] = (wall, best)
+            print(f"{label:>10}: {wall:6.1f} s, {sum(trial_epochs)} trial-epochs {trial_epochs}, "
+                  f"best accuracy {100 * best:.2f}%", flush=True)
+    fifo_t, fifo_acc = results.pop("fifo")
+    for label, (wall, acc) in results.items():
+        print(f"{label}: speed-up over FIFO {fifo_t / wall:.2f}x; best accuracy - FIFO's = "
+              f"{100 * (acc - fifo_acc):+.2f} points")
 
 
 if __name__ == "__main__":
