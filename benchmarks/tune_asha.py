@@ -24,11 +24,12 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=float, nargs="+", default=None)
     args = parser.parse_args()
     config = Path(__file__).parents[1] / "configs" / "tune_asha.yaml"
-    epochs = args.epochs or trainrig.load_config(config).tune.max_t
-    factors = args.reduction_factor or [trainrig.load_config(config).tune.reduction_factor]
+    base = trainrig.load_config(config)
+    epochs = args.epochs or base.tune.max_t
+    factors = args.reduction_factor or [base.tune.reduction_factor]
     runs = [("fifo", "tune.scheduler=fifo")] + [(f"asha rf {rf:g}", f"tune.reduction_factor={rf}") for rf in factors]
     results = {}
-    tune.start_ray(trainrig.load_config(config))  # outside the timings: the runs share one local Ray
+    tune.start_ray(base)  # outside the timings: the runs share one local Ray
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, setting) in enumerate(runs):
             scheduler = "fifo" if label == "fifo" else "asha"

@@ -168,8 +168,13 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     def report(row: dict, run_dir: Path) -> None:
         metrics = {name: row[key] for name, key in METRICS.items()}
         metrics["epoch"] = row["epoch"]
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
+        # Ray copies the reported folder into the trial's checkpoint_N; a hard link hands it last.pt without
+        # writing it once more (safe: the next save replaces last.pt by rename, never in place)
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as tmp:
+            try:
+                os.link(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
+            except OSError:  # a file system without hard links
+                shutil.copyfile(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     fit(cfg, resume=restored is not None, progress="off", on_epoch=report)
