@@ -44,35 +44,33 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     return config_mod.load(raw=raw)
 
 
-def _candidates(dist: str, args: Any, key: str) -> list[Any]:
+def _bounds(dist: str, args: Any, key: str) -> list[float]:
+    """A range distribution's [lo, hi] as checked floats (YAML 1.1 reads 1e-4 as a string)."""
+    try:
+        if not isinstance(args, list) or len(args) != 2 or any(isinstance(a, bool) for a in args):
+            raise ValueError
+        lo, hi = (float(a) for a in args)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tune.search_space.{key}: {dist} needs [lo, hi] numbers, got {args!r}") from None
+    if lo >= hi:
+        raise ConfigError(f"tune.search_space.{key}: {dist} needs lo < hi, got [{lo}, {hi}]")
+    if dist == "loguniform" and lo <= 0:
+        raise ConfigError(f"tune.search_space.{key}: loguniform needs lo > 0, got {lo}")
+    if dist in ("randint", "pow2") and not (lo.is_integer() and hi.is_integer()):
+        raise ConfigError(f"tune.search_space.{key}: {dist} needs integer bounds, got [{lo}, {hi}]")
+    return [lo, hi]
+
+
+def _candidates(dist: str, args: list, key: str) -> list[Any]:
     """Values that stand for the distribution when checking them against the fit config's type."""
     if dist in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(f"tune.search_space.{key}: {dist} needs a non-empty list, got {args!r}")
         return args
-    try:  # YAML 1.1 reads 1e-4 as a string
-        lo, hi = (float(a) for a in args) if isinstance(args, list) and len(args) == 2 else (None, None)
-    except (TypeError, ValueError):
-        lo = hi = None
-    if lo is None or any(isinstance(a, bool) for a in args):
-        raise ConfigError(f"tune.search_space.{key}: {dist} needs [lo, hi] numbers, got {args!r}")
-    if lo >= hi:
-        raise ConfigError(f"tune.search_space.{key}: {dist} needs lo < hi, got [{lo}, {hi}]")
-    if dist == "loguniform" and lo <= 0:
-        raise ConfigError(f"tune.search_space.{key}: loguniform needs lo > 0, got {lo}")
-    if dist in ("randint", "pow2") and not (float(lo).is_integer() and float(hi).is_integer()):
-        raise ConfigError(f"tune.search_space.{key}: {dist} needs integer bounds, got [{lo}, {hi}]")
+    lo, hi = args
     if dist == "pow2":
         return [2 ** int(lo), 2 ** int(hi)]
     return [int(lo), int(hi)] if dist == "randint" else [lo, hi]
-
-
-def _numeric(args: list) -> bool:
-    try:
-        [float(a) for a in args]
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def validate_space(cfg: Config) -> dict[str, tuple[str, Any]]:
@@ -86,8 +84,6 @@ def validate_space(cfg: Config) -> dict[str, tuple[str, Any]]:
         if not (isinstance(spec, dict) and len(spec) == 1):
             raise ConfigError(f"tune.search_space.{key}: expected one distribution like {{choice: [...]}}, got {spec!r}")
         (dist, args), = spec.items()
-        if dist not in ("choice", "grid") and isinstance(args, list):
-            args = [float(a) if isinstance(a, str) else a for a in args] if _numeric(args) else args
         if dist not in DISTRIBUTIONS:
             raise ConfigError(f"tune.search_space.{key}: unknown distribution '{dist}' "
                               f"(choose from {', '.join(DISTRIBUTIONS)})")
@@ -96,6 +92,8 @@ def validate_space(cfg: Config) -> dict[str, tuple[str, Any]]:
         if dist == "grid" and cfg.tune.searcher == "hyperopt":
             raise ConfigError(f"tune.search_space.{key}: grid cannot be used with searcher: hyperopt "
                               f"(use choice, or searcher: grid / random)")
+        if dist not in ("choice", "grid"):
+            args = _bounds(dist, args, key)
         for value in _candidates(dist, args, key):
             try:
                 apply_params(cfg, {key: value})
