@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test run data bench clean
+.PHONY: test run data bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ run: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) benchmarks/throughput.py
+
+docs: $(STAMP)
+	$(VENV)/bin/trainer config keys --markdown > docs/config.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

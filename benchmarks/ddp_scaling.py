@@ -1,43 +1,110 @@
-"""DDP scaling on CPU: training images/s of 1 process x 1 thread vs 2 DDP processes x 1 thread (gloo).
+"""DDP scaling on CPU: trainrig against a plain ``mp.spawn`` + DDP script, in one run, medians of 3.
 
-Both train the FashionMNIST ResNet18 of the default config through ``trainrig.fit`` on real data;
-efficiency = thr2 / (2 x thr1). By default each process trains on the same batch (128: weak scaling, the
-usual way DDP efficiency is quoted, so the global batch of the 2-process run is 256); ``--strong`` keeps
-the global batch at 128 instead (64 per process), which also measures how much slower a CPU convolution
-is per image at half the batch. Run: ``python benchmarks/ddp_scaling.py [--strong]``.
+Four measurements, alternated in each of ``--rounds`` rounds (the machine's speed drifts, so they are
+interleaved and the median of each is reported):
+
+- trainrig 1 process x 1 thread (``strategy: single``, batch B),
+- trainrig 2 DDP processes x 1 thread (gloo, global batch 2B: weak scaling, the usual way to quote it),
+- plain 1 process x 1 thread: the textbook loop (ResNet18 with the same 1-channel conv1, channels_last,
+  fused AdamW, batches cut from in-memory tensors), no trainrig,
+- plain 2 DDP processes: the same loop under ``mp.spawn`` + ``DistributedDataParallel`` with its defaults.
+
+Each measurement trains on the same real FashionMNIST images (``--images`` per process). Efficiency is
+thr2 / (2 x thr1); the plain pair shows what this machine allows DDP to reach.
+Run: ``python benchmarks/ddp_scaling.py [--rounds 3] [--images 2560] [--batch 128]``.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch import nn
 
 import trainrig
+from trainrig import data
 from trainrig.config import default_config_path
+from trainrig.launch import free_port
 
 
-def images_per_s(overrides: list[str]) -> float:
-    cfg = trainrig.load_config(default_config_path(), overrides)
-    result = trainrig.fit(cfg, progress="off")
-    return result.history[-1]["images_per_s"]
+def trainrig_images_per_s(tmp: str, name: str, overrides: list[str]) -> float:
+    cfg = trainrig.load_config(default_config_path(), [f"out_dir={tmp}", f"name={name}", "epochs=1", "threads=1",
+                                                       "data.test_subset=256", "sched.name=none",
+                                                       "data.flip=false", *overrides])
+    return trainrig.fit(cfg, progress="off").history[-1]["images_per_s"]
+
+
+def _plain_worker(rank: int, world: int, port: int, images: torch.Tensor, labels: torch.Tensor, batch: int,
+                  results: object) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model = model.to(memory_format=torch.channels_last)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    x_all = ((images[rank::world].float() / 255 - data.FASHION_MEAN) / data.FASHION_STD).unsqueeze(1)
+    x_all = x_all.contiguous(memory_format=torch.channels_last)
+    y_all = labels[rank::world]
+    steps = len(y_all) // batch
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch]
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        results.put(world * steps * batch / elapsed)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def plain_images_per_s(world: int, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_plain_worker, args=(world, free_port(), images, labels, batch, results), nprocs=world, join=True)
+    return results.get()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=7680, help="training images per measurement")
-    parser.add_argument("--batch", type=int, default=128, help="batch per process of the 1-process run")
-    parser.add_argument("--strong", action="store_true", help="same global batch for both runs")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=2560, help="training images per process per measurement")
+    parser.add_argument("--batch", type=int, default=128, help="batch per process")
     args = parser.parse_args()
-    two_batch = args.batch if args.strong else 2 * args.batch
+    splits = data.load_fashion_mnist("data", download=False)
+    n1, n2 = args.images, 2 * args.images
+    images, labels = splits.train_images[:n2], splits.train_labels[:n2]
+    runs = {
+        "trainrig 1 x 1": lambda tmp: trainrig_images_per_s(tmp, "one", [
+            "strategy=single", f"data.batch_size={args.batch}", f"data.subset={n1}"]),
+        "trainrig DDP 2 x 1": lambda tmp: trainrig_images_per_s(tmp, "two", [
+            "strategy=ddp", "devices=2", "backend=gloo", f"data.batch_size={2 * args.batch}", f"data.subset={n2}"]),
+        "plain 1 x 1": lambda tmp: plain_images_per_s(1, images[:n1], labels[:n1], args.batch),
+        "plain DDP 2 x 1": lambda tmp: plain_images_per_s(2, images, labels, args.batch),
+    }
+    measured: dict[str, list[float]] = {name: [] for name in runs}
+    print(f"torch {torch.__version__}, batch {args.batch} per process, {args.images} images per process", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f"out_dir={tmp}", "epochs=1", "threads=1", f"data.subset={args.images}", "data.test_subset=512",
-                  "sched.name=none"]
-        one = images_per_s(common + ["name=one", "strategy=single", f"data.batch_size={args.batch}"])
-        print(f"1 process  x 1 thread : {one:7.1f} images/s (batch {args.batch})", flush=True)
-        two = images_per_s(common + ["name=two", "strategy=ddp", "devices=2", "backend=gloo",
-                                     f"data.batch_size={two_batch}"])
-        print(f"2 DDP procs x 1 thread: {two:7.1f} images/s (gloo, global batch {two_batch}, "
-              f"{two_batch // 2} per process)")
-        print(f"scaling efficiency thr2 / (2 x thr1) = {two / (2 * one):.3f}")
+        for r in range(args.rounds):
+            for name, run in runs.items():
+                measured[name].append(run(tmp))
+                print(f"round {r + 1}: {name:<20} {measured[name][-1]:7.1f} images/s", flush=True)
+    med = {name: statistics.median(values) for name, values in measured.items()}
+    for name, values in measured.items():
+        print(f"{name:<20} median {med[name]:7.1f} images/s  (spread {min(values):.1f}-{max(values):.1f})")
+    for who in ("trainrig", "plain"):
+        effs = [two / (2 * one) for one, two in zip(measured[f"{who} 1 x 1"], measured[f"{who} DDP 2 x 1"])]
+        print(f"{who:<9} scaling efficiency thr2 / (2 x thr1): median {statistics.median(effs):.3f} "
+              f"(rounds: {', '.join(f'{e:.3f}' for e in effs)})")
+    print(f"trainrig DDP / plain DDP throughput: {med['trainrig DDP 2 x 1'] / med['plain DDP 2 x 1']:.3f}")
 
 
 if __name__ == "__main__":

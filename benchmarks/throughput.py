@@ -2,7 +2,7 @@
 
 Plain loop: torchvision ``FashionMNIST`` + ``ToTensor`` + ``DataLoader(num_workers=2)``, the same ResNet18
 surgery, the same optimizer algorithm (AdamW, lr 1e-3) and thread count. trainrig: its in-memory batches,
-channels_last and fused optimizer, through ``loop.train_epoch``. Run: ``python benchmarks/throughput.py``.
+channels_last and fused optimizer, through the training step (``trainrig.step.Stepper``). Run: ``python benchmarks/throughput.py``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import torch
 import torchvision
 from torch import nn
 
-from trainrig import config, data, loop, models
-from trainrig.progress import Progress
+from trainrig import config, data, models
+from trainrig.state import TrainState
+from trainrig.step import Stepper
+from trainrig.strategy import DistEnv, SingleStrategy
 
 
 def torchvision_root(tmp: Path) -> Path:
@@ -62,15 +64,21 @@ def plain_images_per_s(root: Path, batch: int, steps: int, warmup: int) -> float
 def trainrig_images_per_s(batch: int, steps: int, warmup: int) -> float:
     cfg = config.load(None, [f"data.batch_size={batch}", "optim.name=adamw", "optim.lr=1e-3"])
     train, _, _ = data.build(cfg.data, device=torch.device("cpu"), channels_last=cfg.model.channels_last)
-    model = models.build_model(cfg.model, seed=0).to(memory_format=torch.channels_last)
-    opt = loop.build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    model.train()
-    loss_fn = nn.CrossEntropyLoss()
-    loop.train_epoch(model, itertools.islice(iter(train), warmup), opt, sched, loss_fn, Progress(False))
-    # batch cutting, normalisation and the step are all inside the timed loop
-    return loop.train_epoch(model, itertools.islice(iter(train), steps), opt, sched, loss_fn,
-                            Progress(False))["images_per_s"]
+    model = models.build_model(cfg.model, seed=0).to(memory_format=torch.channels_last).train()
+    strategy = SingleStrategy(cfg, DistEnv())
+    strategy.wrap(model)
+    stepper = Stepper(strategy, TrainState.create(cfg, model, len(train), "cpu"), nn.CrossEntropyLoss(), "32",
+                      batch, log=print)
+
+    def run(n: int) -> float:  # batch cutting, normalisation and the step are all inside the timed loop
+        start = time.perf_counter()
+        for x, y in itertools.islice(iter(train), n):
+            stepper.step(x, y)
+        loss_sum, _, seen = stepper.finish()
+        float(loss_sum)  # waits for the device
+        return seen / (time.perf_counter() - start)
+    run(warmup)
+    return run(steps)
 
 
 def main() -> None:

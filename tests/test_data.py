@@ -147,3 +147,26 @@ def test_subset():
     cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=50, subset=20, test_subset=10)
     train, test, _ = _batches(cfg)
     assert train.num_samples == 20 and test.num_samples == 10
+
+
+def test_each_rank_augments_with_its_own_stream_and_resume_repeats_it():
+    """All images equal and left/right asymmetric, so a batch's flip mask can be read off the pixels."""
+    n = 256
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    image[:, :7] = 255  # bright left edge
+    splits = data.Splits(image.expand(n, 28, 28).clone(), torch.arange(n) % 10, image[None], torch.zeros(1).long(),
+                         0.0, 1.0, 10)
+    cfg = DataConfig(batch_size=64, flip=True, normalize=False)
+
+    def masks(rank: int, epoch: int) -> torch.Tensor:
+        train = data.build(cfg, device=torch.device("cpu"), seed=5, rank=rank, world=2, channels_last=False,
+                           splits=splits)[0]
+        train.set_epoch(epoch)
+        return torch.cat([x[:, 0, 0, 0] < 0.5 for x, _ in train])  # True where the image was flipped
+
+    rank0, rank1 = masks(0, 3), masks(1, 3)
+    assert rank0.shape == rank1.shape == (n // 2,)
+    assert 0.3 < rank0.float().mean() < 0.7 and 0.3 < rank1.float().mean() < 0.7
+    assert not torch.equal(rank0, rank1)  # rank r's k-th batch is not flipped like rank 0's
+    assert torch.equal(masks(0, 3), rank0) and torch.equal(masks(1, 3), rank1)  # a resumed epoch repeats it
+    assert not torch.equal(masks(0, 4), rank0)

@@ -1,5 +1,7 @@
 import csv
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint, loop
+from trainrig import checkpoint, optim
 from trainrig.cli import app
 from trainrig.config import SchedConfig
 from trainrig.errors import CheckpointError
@@ -40,11 +42,12 @@ def test_resume_equals_uninterrupted(tiny_cfg):
     class Interrupted(Exception):
         pass
 
-    def stop_after_two(row, run_dir):
-        if row["epoch"] == 2:
-            raise Interrupted
+    class StopAfterTwo(trainrig.Callback):
+        def on_epoch_end(self, run, row):
+            if row["epoch"] == 2:
+                raise Interrupted
     with pytest.raises(Interrupted):
-        trainrig.fit(part_cfg, progress="off", on_epoch=stop_after_two)
+        trainrig.fit(part_cfg, progress="off", callbacks=[StopAfterTwo()])
     resumed = trainrig.fit(part_cfg, resume=True, progress="off")
     a = checkpoint.load(full.run_dir / "checkpoints" / "last.pt")
     b = checkpoint.load(resumed.run_dir / "checkpoints" / "last.pt")
@@ -52,6 +55,63 @@ def test_resume_equals_uninterrupted(tiny_cfg):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key  # bitwise, on CPU
     assert [r["test_acc"] for r in full.history] == [r["test_acc"] for r in resumed.history]
+
+
+def test_resume_refuses_a_changed_recipe_but_lets_epochs_grow(tiny_cfg, tmp_path):
+    first = trainrig.fit(tiny_cfg("epochs=1"), progress="off")
+    stamp = (first.run_dir / "config.yaml").read_text()
+    out = str(tmp_path / "runs")
+    result = runner.invoke(app, ["fit", "-c", str(first.run_dir / "config.yaml"), "--resume", "--quiet",
+                                 "--set", "optim.lr=0.5", "--set", "data.flip=true"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "optim.lr=0.5 (trained with 0.001)" in message and "data.flip=True (trained with False)" in message
+    assert "Traceback" not in result.output
+    assert (first.run_dir / "config.yaml").read_text() == stamp  # the run's recipe file is untouched
+    longer = runner.invoke(app, ["fit", "-c", str(first.run_dir / "config.yaml"), "--resume", "--quiet",
+                                 "--set", "epochs=2", "--set", f"out_dir={out}"])
+    assert longer.exit_code == 0, longer.output
+    assert [int(r["epoch"]) for r in csv.DictReader(open(first.run_dir / "metrics.csv"))] == [1, 2]
+
+
+def test_callbacks_called_in_order_with_the_rows(tiny_cfg):
+    from faults import Recorder
+
+    recorder = Recorder()
+    result = trainrig.fit(tiny_cfg("epochs=2"), progress="off", callbacks=[recorder])
+    lines = [line for line in recorder.lines if not line.startswith("message")]
+    assert any(line.startswith("message run folder:") for line in recorder.lines)
+    batches = [f"batch {i}" for i in range(1, 128 // 32 + 1)]
+    expected = ["fit_start", "epoch_start 1 4", *batches, "epoch_end 1", "epoch_start 2 4", *batches, "epoch_end 2",
+                "fit_end"]
+    assert [" ".join(line.split()[:2]) if line.split()[0] in ("batch", "epoch_end") else line
+            for line in lines] == expected
+    for epoch, row in enumerate(result.history, 1):
+        end = next(line for line in lines if line.startswith(f"epoch_end {epoch} "))
+        assert end == f"epoch_end {epoch} {row['train_loss']:.6f} {row['test_acc']:.6f}"
+    # the metrics.csv and checkpoint callbacks ran before the user's epoch_end
+    assert (result.run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_user_callback_from_a_notebook_style_script(tmp_path):
+    """What a notebook cell does: a callback class defined in __main__, passed to fit."""
+    script = tmp_path / "notebook.py"
+    script.write_text(
+        "import trainrig\n"
+        "class Collect(trainrig.Callback):\n"
+        "    def __init__(self):\n"
+        "        self.accs = []\n"
+        "    def on_epoch_end(self, run, row):\n"
+        "        self.accs.append(row['test_acc'])\n"
+        f"cfg = trainrig.load_config('configs/smoke.yaml', ['epochs=2', 'out_dir={tmp_path}', 'threads=1',\n"
+        "                                                   'data.synthetic_train=64'])\n"
+        "collect = Collect()\n"
+        "result = trainrig.fit(cfg, progress='off', callbacks=[collect])\n"
+        "assert collect.accs == [r['test_acc'] for r in result.history], collect.accs\n"
+        "print('accs', len(collect.accs))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "accs 2" in proc.stdout
 
 
 def test_existing_run_is_never_overwritten(tiny_cfg):
@@ -109,7 +169,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
 @pytest.mark.parametrize("name", ["none", "cosine", "step", "onecycle"])
 def test_schedules(name):
     c = SchedConfig(name=name, warmup_epochs=1, step_size=2, gamma=0.5)
-    f = loop.lr_factor_fn(c, epochs=4, steps_per_epoch=10)
+    f = optim.lr_factor_fn(c, epochs=4, steps_per_epoch=10)
     values = [f(s) for s in range(40)]
     assert all(0 <= v <= 1.0 + 1e-9 for v in values)
     if name == "none":
@@ -129,3 +189,17 @@ def test_gradual_unfreezing_trains_with_each_optimizer(tiny_cfg, optimizer):
     result = trainrig.fit(tiny_cfg("epochs=3", "model.finetune=gradual", f"optim.name={optimizer}",
                                    "data.synthetic_train=64"), progress="off")
     assert len(result.history) == 3
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("[{class_path: nowhere.Nothing}]", "callbacks[0].class_path: cannot import nowhere.Nothing"),
+    ("[{class_path: trainrig.config.Config}]", "callbacks[0].class_path: trainrig.config.Config is not a"),
+    ("[{class_path: faults.Recorder, init_args: {colour: red}}]", "callbacks[0].init_args:"),
+    ("[{path: faults.Recorder}]", "callbacks[0]: expected {class_path: package.module.Class"),
+])
+def test_bad_callback_spec_exit_2(tmp_path, spec, message):
+    result = runner.invoke(app, ["fit", "-c", "configs/smoke.yaml", "--quiet", "--set", f"out_dir={tmp_path}",
+                                 "--set", f"callbacks={spec}"])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made

@@ -76,6 +76,21 @@ def test_hyperopt_asha_end_to_end(tmp_path):
     assert trainrig.fit(best, progress="off").history[0]["test_acc"] >= 0
 
 
+def test_trials_with_strategy_ddp_run_as_ddp_groups(tmp_path):
+    """Each trial spawns 2 gloo ranks; rank 0's epochs reach Ray through the trial process (TuneReport)."""
+    cfg = tune_cfg(tmp_path, "strategy=ddp", "devices=2", "epochs=2", "tune.searcher=random", "tune.num_samples=2",
+                   "tune.resources_per_trial.cpu=2", "tune.search_space={optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}")
+    result = tune.run(cfg, verbose=False)
+    rows = list(csv.DictReader(open(result.experiment_dir / "trials.csv")))
+    assert len(rows) == 2 and all(r["stop_reason"] == "completed" and r["epochs_run"] == "2" for r in rows)
+    for trial in result.experiment_dir.glob("_trial_*"):
+        ran = yaml.safe_load((trial / "fit" / "config.yaml").read_text())
+        assert ran["strategy"] == "ddp" and ran["threads"] == 1  # 2 CPUs per trial shared by its 2 ranks
+        assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 3
+        assert list(trial.glob("checkpoint_*/last.pt")), "Ray kept no checkpoint of the trial"
+        assert ran["devices"] == 2
+
+
 def test_refuses_to_overwrite_and_needs_experiment_for_resume(tmp_path):
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "trials.csv").write_text("x")

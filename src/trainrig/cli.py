@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod
-from .distributed import WorkerFailed
+from .launch import WorkerFailed
 from .errors import TrainrigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -166,8 +166,11 @@ def config_show(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) ->
 
 
 @config_app.command("keys")
-def config_keys() -> None:
+def config_keys(markdown: bool = typer.Option(False, "--markdown", help="Print docs/config.md instead.")) -> None:
     """List every config key with its type, default and meaning."""
+    if markdown:
+        sys.stdout.write(config_mod.markdown_reference())
+        return
     table = Table(show_lines=False)
     for col in ("key", "type", "default", "meaning"):
         table.add_column(col, overflow="fold")

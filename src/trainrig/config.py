@@ -131,19 +131,6 @@ class TuneSettings:
 
 
 @dataclass(frozen=True)
-class DebugConfig:
-    fail_on_rank: Union[int, None] = opt(
-        None, "Fault injection for tests: this rank raises at its first training step of epoch fail_at_epoch.",
-        min=0)
-    fail_at_epoch: int = opt(0, "Fault injection: the (0-based) epoch in which fail_on_rank raises.", min=0)
-    simulate_oom_above: Union[int, None] = opt(
-        None, "Fault injection: micro-batches larger than this raise OutOfMemoryError (tests OOM recovery on CPU).",
-        min=0)
-    simulate_oom_rank: Union[int, None] = opt(None, "Fault injection: only this rank simulates OOM; null = every rank.",
-                                              min=0)
-
-
-@dataclass(frozen=True)
 class Config:
     name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name>.")
     out_dir: str = opt("runs", "Parent folder of run folders.")
@@ -151,8 +138,9 @@ class Config:
     epochs: int = opt(5, "Number of training epochs.", min=1)
     device: str = opt("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N.")
     threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores divided among local processes.", min=0)
-    precision: Literal["32", "16-mixed", "bf16-mixed"] = opt(
-        "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory.")
+    precision: Literal["32", "16-mixed", "bf16-mixed", "64-true"] = opt(
+        "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory | "
+        "64-true (float64 weights and inputs: slow, for checking that two ways of computing agree).")
     grad_checkpointing: bool = opt(
         False, "Recompute ResNet stage activations in backward instead of storing them: less memory, more time.")
     strategy: Literal["single", "dp", "ddp", "model_parallel"] = opt(
@@ -173,8 +161,10 @@ class Config:
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
     sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")
+    callbacks: list[dict] = opt(
+        [], "Extra callbacks, each {class_path: package.module.Class, init_args: {...}}: a subclass of "
+        "trainrig.callbacks.Callback, imported (never evaluated) and run after the built-in ones.")
     tune: TuneSettings = opt(TuneSettings(), "Hyperparameter search with Ray Tune (trainer tune).")
-    debug: DebugConfig = opt(DebugConfig(), "Fault injection switches for tests.")
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -232,47 +222,52 @@ def _convert(value: Any, tp: Any, from_text: bool) -> Any:
         if text in allowed:
             return text
         raise ValueError(f"expected {_type_name(tp)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ValueError("expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError("expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValueError("expected an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError("expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ValueError("expected a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError("expected a string")
-    if tp is dict:  # free-form mapping (tune.search_space); its owner validates the content
-        if from_text and isinstance(value, str):
-            value = yaml.safe_load(value)
-        if isinstance(value, dict):
-            return value
-        raise ValueError("expected a mapping")
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, from_text)
     raise ValueError(f"unsupported type {tp}")
+
+
+def _to_bool(value: Any, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _to_number(kind: type, expected: str) -> Any:
+    """int or float from a number or a string (YAML 1.1 reads "1e-3" as a string); 1.5 is no int."""
+    def convert(value: Any, from_text: bool) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(expected)
+        try:
+            if isinstance(value, str):
+                return kind(value.strip())
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(expected)
+            return kind(value)
+        except ValueError:
+            raise ValueError(expected) from None
+    return convert
+
+
+def _to_str(value: Any, from_text: bool) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("expected a string")
+
+
+def _to_dict(value: Any, from_text: bool) -> dict:
+    """A free-form mapping (tune.search_space, a callback spec); its owner validates the content."""
+    if from_text and isinstance(value, str):
+        value = yaml.safe_load(value)
+    if isinstance(value, dict):
+        return value
+    raise ValueError("expected a mapping")
+
+
+_SCALARS = {bool: _to_bool, int: _to_number(int, "expected an integer"), float: _to_number(float, "expected a number"),
+            str: _to_str, dict: _to_dict}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -415,6 +410,41 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
+RESUME_FREE = ("name", "out_dir", "epochs", "device", "threads", "dist_timeout_s", "callbacks", "data.root",
+               "data.num_workers", "data.pin_memory", "data.eval_batch_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = _join(prefix, key)
+        if isinstance(value, dict) and value and full != "tune.search_space":
+            out.update(_flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def resume_config(trained: Config, requested: Config, epochs_done: int) -> Config:
+    """The config a resumed run continues with: the one it was trained with, plus the requested values of
+    the keys in RESUME_FREE. Any other difference would silently train another recipe: refused, naming keys."""
+    old, new = _flatten(to_dict(trained)), _flatten(to_dict(requested))
+    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith("tune.")
+               and not (k == "data.batch_size" and new.get(k) == "auto")]
+    if changed:
+        shown = ", ".join(f"{k}={new.get(k)!r} (trained with {old[k]!r})" for k in changed)
+        raise ConfigError(f"--resume: {shown}; a resumed run keeps its recipe (only epochs may grow): "
+                          f"drop the change or start a new run")
+    if requested.epochs < epochs_done:
+        raise ConfigError(f"--resume: epochs={requested.epochs} but the run already trained {epochs_done}")
+    free = {k.split(".")[0] for k in RESUME_FREE if "." not in k}
+    top = {k: getattr(requested, k) for k in free}
+    data = {k.split(".")[1]: getattr(requested.data, k.split(".")[1]) for k in RESUME_FREE if k.startswith("data.")}
+    return dataclasses.replace(trained, **top, tune=requested.tune,
+                               data=dataclasses.replace(trained.data, **data))
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Rows of (key, type, default, help) for every key, nested sections flattened."""
     rows = []
@@ -428,3 +458,18 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
             shown = yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip().removesuffix("\n...")
             rows.append((key, _type_name(tp), shown, f.metadata.get("help", "")))
     return rows
+
+
+def markdown_reference() -> str:
+    """docs/config.md: every key as a table row, generated from the schema (``make docs``)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "\\<")
+
+    lines = ["# Config reference", "",
+             "Generated from the schema in `src/trainrig/config.py` by `make docs` (`trainer config keys "
+             "--markdown`); a test keeps it in sync. Keys and schema defaults (the packaged YAML files override "
+             "some). YAML and `--set` values are converted by the key's type (`--set optim.lr=3e-4`, "
+             "`--set data.subset=null`).", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {cell(tp)} | `{default}` | {cell(help_text)} |" for key, tp, default, help_text in describe()]
+    return "\n".join(lines) + "\n"

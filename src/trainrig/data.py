@@ -194,6 +194,7 @@ class BatchTransform:
     flip: bool = False
     crop_padding: int = 0
     channels_last: bool = True
+    dtype: torch.dtype = torch.float32
 
     def __call__(self, images: torch.Tensor, device: torch.device, gen: torch.Generator | None) -> torch.Tensor:
         x = images.to(device, non_blocking=True)
@@ -201,7 +202,7 @@ class BatchTransform:
             x = x.unsqueeze(1)
         if gen is not None:
             x = self._augment(x, gen)
-        x = x.float()
+        x = x.to(self.dtype)
         if images.dtype == torch.uint8:
             x = x.mul_(1 / 255)
         if self.normalize:
@@ -227,9 +228,15 @@ class BatchTransform:
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """One generator per (seed, epoch): batch order and augmentation do not depend on earlier epochs,
-    so a resumed run sees exactly the batches an uninterrupted one would."""
+    """One generator per (seed, epoch) for the batch order, the same on every rank (they shard one
+    permutation): it does not depend on earlier epochs, so a resumed run sees the batches an
+    uninterrupted one would."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Flips and crops: a stream of each rank's own, still a pure function of (seed, epoch, rank)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank + 1)
 
 
 def shard_indices(n: int, rank: int, world: int, perm: torch.Tensor | None) -> torch.Tensor:
@@ -266,8 +273,8 @@ class TensorBatches:
         n = self.labels.shape[0]
         if not self.train:
             return shard_indices(n, self.rank, self.world, None), None
-        gen = epoch_generator(self.seed, self.epoch)
-        return shard_indices(n, self.rank, self.world, torch.randperm(n, generator=gen)), gen
+        perm = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
+        return shard_indices(n, self.rank, self.world, perm), augment_generator(self.seed, self.epoch, self.rank)
 
     @property
     def num_samples(self) -> int:
@@ -306,7 +313,7 @@ class LoaderBatches:
                  device: torch.device, *, train: bool, seed: int = 0, rank: int = 0, world: int = 1,
                  num_workers: int = 0, pin_memory: bool = False):
         self.dataset, self.transform, self.device, self.train = dataset, transform, device, train
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.rank = seed, 0, rank
         n = len(dataset)  # type: ignore[arg-type]
         if world > 1:
             sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train,
@@ -331,7 +338,7 @@ class LoaderBatches:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = epoch_generator(self.seed, self.epoch) if self.train else None
+        gen = augment_generator(self.seed, self.epoch, self.rank) if self.train else None
         if self.sampler is None and self.train:
             sampler = torch.utils.data.RandomSampler(self.dataset, generator=epoch_generator(self.seed, self.epoch))
         else:
@@ -346,16 +353,17 @@ class LoaderBatches:
 Batches = TensorBatches | LoaderBatches
 
 
-def sample_batch(splits: Splits, size: int, device: torch.device, channels_last: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(splits: Splits, size: int, device: torch.device, channels_last: bool = True,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` training images (repeated if the set is smaller), prepared like a training batch."""
     idx = torch.arange(size) % len(splits.train_labels)
-    tf = BatchTransform(mean=splits.mean, std=splits.std, channels_last=channels_last)
+    tf = BatchTransform(mean=splits.mean, std=splits.std, channels_last=channels_last, dtype=dtype)
     return tf(splits.train_images[idx], device, None), splits.train_labels[idx].to(device)
 
 
 def build(cfg: DataConfig, *, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1,
-          channels_last: bool = True, splits: Splits | None = None) -> tuple[Batches, Batches, Splits]:
+          channels_last: bool = True, dtype: torch.dtype = torch.float32,
+          splits: Splits | None = None) -> tuple[Batches, Batches, Splits]:
     """Train and test batch iterators for this process (``rank`` of ``world``), plus the raw splits."""
     splits = splits if splits is not None else load_splits(cfg, seed)
     if not isinstance(cfg.batch_size, int):
@@ -364,7 +372,7 @@ def build(cfg: DataConfig, *, device: torch.device, seed: int = 0, rank: int = 0
         raise DataError(f"data.batch_size={cfg.batch_size} is the global batch and must divide by the "
                         f"{world} processes")
     per_rank = cfg.batch_size // world
-    common = dict(mean=splits.mean, std=splits.std, normalize=cfg.normalize, channels_last=channels_last)
+    common = dict(mean=splits.mean, std=splits.std, normalize=cfg.normalize, channels_last=channels_last, dtype=dtype)
     train_tf = BatchTransform(flip=cfg.flip, crop_padding=cfg.crop_padding, **common)
     test_tf = BatchTransform(**common)
     if cfg.loader == "dataloader":

@@ -1,23 +1,32 @@
-"""The training loop: ``fit(cfg)`` is the one entry point for the CLI, tuning, tests and notebooks."""
+"""The training loop: ``fit(cfg)`` is the one entry point for the CLI, tuning, tests and notebooks.
+
+``fit`` launches the strategy's processes (launch.py); each runs ``_fit_worker``, which reads top to
+bottom: set up the run, then per epoch train, evaluate and hand the row to the callbacks. Everything
+optional (progress, metrics.csv, curves.png, checkpoints, Tune reporting, the user's) is a callback.
+"""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from . import checkpoint, config as config_mod, data, distributed, memory, models, report
-from .config import Config, OptimConfig, SchedConfig
+from . import callbacks as cb, checkpoint, config as config_mod, data, memory, models, report
+from .callbacks import Callback, Hooks
+from .config import Config
 from .errors import CheckpointError, ConfigError, TrainrigError
-from .models.parallel import StagedResNet
-from .progress import Progress, ProgressMode, make_progress
+from .launch import launch
+from .optim import build_optimizer
+from .progress import Progress, ProgressMode
+from .state import TrainState
+from .step import Stepper, autocast, full_precision
+from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy, resolve_device
 
 
 @dataclass(frozen=True)
@@ -33,218 +42,193 @@ class FitResult:
     param_checksums: list[float] = dataclasses.field(default_factory=list)  # one per rank
 
 
-# ----------------------------------------------------------------------------- optimizer and schedule
+@dataclass
+class Run:
+    """What callbacks see of a run in a worker process."""
 
-_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": lambda groups, c, **kw: torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay, **kw),
-    "adamw": lambda groups, c, **kw: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay, **kw),
-    "sgd": lambda groups, c, **kw: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                                                   weight_decay=c.weight_decay, **kw),
-}
+    cfg: Config
+    run_dir: Path
+    strategy: SingleStrategy
+    model: nn.Module  # unwrapped: its state_dict is what checkpoints hold
+    hooks: Hooks
+    splits: data.Splits
+    state: TrainState | None = None
+    train: Any = None  # this rank's training batches
+    test: Any = None
+    trainable: tuple[str, ...] | None = None  # backbone stages the wrapped model trains
 
-
-# fused SGD with momentum fails once frozen parameters start getting gradients (gradual unfreezing):
-# its momentum buffers are None for them (torch 2.14), so SGD stays on the foreach kernel
-_FUSED = ("adam", "adamw")
-
-
-def build_optimizer(groups: list[dict], c: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimizer, fused into one kernel where this torch supports it for the device
-    (measured on a 2-core CPU: AdamW step of ResNet18 at batch 128 went from 1.99 s to 1.49 s)."""
-    if c.name not in _FUSED:
-        return _OPTIMIZERS[c.name](groups, c)
-    try:
-        return _OPTIMIZERS[c.name](groups, c, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # older torch, or no fused kernel for this device/dtype
-        return _OPTIMIZERS[c.name](groups, c)
-
-
-def _cosine(c: SchedConfig, total: int, per_epoch: int) -> Callable[[int], float]:
-    warm = int(c.warmup_epochs * per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return factor
-
-
-def _onecycle(c: SchedConfig, total: int, per_epoch: int) -> Callable[[int], float]:
-    """Linear rise from peak/div_factor to the peak, then cosine down to initial/final_div_factor."""
-    rise = max(1, int(c.pct_start * total))
-    start, end = 1 / c.div_factor, 1 / (c.div_factor * c.final_div_factor)
-
-    def factor(step: int) -> float:
-        if step < rise:
-            return start + (1 - start) * step / rise
-        t = min(1.0, (step - rise) / max(1, total - rise))
-        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
-    return factor
-
-
-_SCHEDULES: dict[str, Callable[[SchedConfig, int, int], Callable[[int], float]]] = {
-    "none": lambda c, total, per_epoch: (lambda step: 1.0),
-    "cosine": _cosine,
-    "step": lambda c, total, per_epoch: (lambda step: c.gamma ** ((step // per_epoch) // c.step_size)),
-    "onecycle": _onecycle,
-}
-
-
-def lr_factor_fn(c: SchedConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """The schedule as a pure function of the optimizer step (stepped once per batch)."""
-    return _SCHEDULES[c.name](c, epochs * steps_per_epoch, steps_per_epoch)
+    def log(self, text: str) -> None:
+        self.hooks.on_message(self, text)
 
 
 # ----------------------------------------------------------------------------- epochs
 
-Reduce = Callable[[Sequence[float]], list[float]]
-
-
-def _local(values: Sequence[float]) -> list[float]:
-    return [float(v) for v in values]
-
-
-_AMP_DTYPES: dict[str, torch.dtype | None] = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-
-
-def _no_agreement(flag: bool) -> bool:
-    return flag
-
-
-def _autocast(device_type: str, precision: str) -> torch.autocast:
-    """Autocast for ``precision`` (disabled at "32"): the forward passes of training, evaluation and the
-    batch-size probe all run under the same one."""
-    dtype = _AMP_DTYPES[precision]
-    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def _totals(reduce: Reduce, loss_sum: torch.Tensor | None, correct: torch.Tensor | None,
-            seen: int) -> tuple[float, float, int]:
+def _totals(run: Run, loss_sum: Any, correct: Any, seen: int) -> tuple[float, float, int]:
     """Mean loss, accuracy and sample count over every rank; the one device sync of an epoch."""
-    total_loss, total_correct, total_seen = reduce([
-        0.0 if loss_sum is None else loss_sum.item(), 0 if correct is None else correct.item(), seen])
+    total_loss, total_correct, total_seen = run.strategy.reduce([float(loss_sum), float(correct), seen])
     return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
 
 
-def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module,
-                progress: Progress, reduce: Reduce = _local, *, micro: memory.MicroBatcher | None = None,
-                precision: str = "32", scaler: torch.amp.GradScaler | None = None,
-                agree: Callable[[bool], bool] = _no_agreement,
-                sync_grads: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
-    """One pass over the training batches. Running sums stay on the device; floats come out at the end
-    (summed over ranks by ``reduce`` under DDP). Each step runs through ``micro`` (memory.MicroBatcher),
-    which splits the batch into micro-batches after an OOM; ``precision`` picks autocast, ``scaler`` the
-    fp16 loss scaling."""
-    device_type = next(model.parameters()).device.type
-    micro = micro or memory.MicroBatcher(micro=2 ** 62)
-    scaler = scaler or torch.amp.GradScaler(device_type, enabled=False)
-
-    def forward(xc: torch.Tensor, yc: torch.Tensor, weight: float) -> tuple:
-        with _autocast(device_type, precision):
-            logits = model(xc)
-        yc = yc.to(logits.device, non_blocking=True)  # model parallel: logits come from the last stage
-        loss = loss_fn(logits.float(), yc)
-        scaled = loss if weight == 1 else loss * weight
-        return scaled, loss.detach() * yc.shape[0], (logits.detach().argmax(1) == yc).sum()
-
-    def zero_grad() -> None:
-        optimizer.zero_grad(set_to_none=True)
-
-    loss_sum = correct = None
-    seen = 0
+def train_epoch(run: Run, batches: Iterable, stepper: Stepper) -> dict[str, float]:
+    """One pass over the training batches; floats come out at the end (summed over ranks)."""
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches, 1):
-        zero_grad()
-        batch_loss, batch_correct = micro.run(x, y, forward, lambda scaled: scaler.scale(scaled).backward(),
-                                              zero_grad, agree, lambda: distributed.Context.no_sync(model))
-        if sync_grads is not None:
-            sync_grads(model)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
-        seen += y.shape[0]
-        progress.batch(step, batch_loss.item() / y.shape[0] if progress.wants_loss(step) else None)
-    loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
-    elapsed = time.perf_counter() - start  # .item() in _totals waited for the device
-    return {"train_loss": loss, "train_acc": acc, "images_per_s": total_seen / max(elapsed, 1e-9)}
+        loss = stepper.step(x, y)
+        if loss is not None:
+            run.hooks.on_train_batch_end(run, step, loss)
+    loss, acc, seen = _totals(run, *stepper.finish())
+    elapsed = time.perf_counter() - start  # _totals waited for the device
+    return {"train_loss": loss, "train_acc": acc, "images_per_s": seen / max(elapsed, 1e-9)}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, reduce: Reduce = _local, *,
-             precision: str = "32") -> dict[str, float]:
-    """Test loss and accuracy over every sample exactly once (summed over ranks), no autograd graph built,
-    under the same autocast as training."""
+def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[float]], list[float]] | None = None,
+             *, precision: str = "32") -> dict[str, float]:
+    """Test loss and accuracy over every sample exactly once (summed over ranks by ``reduce``), no autograd
+    graph built, under the same autocast as training."""
     was_training = model.training
     model.eval()
     device_type = next(model.parameters()).device.type
-    loss_sum = correct = None
+    loss_sum: Any = 0.0
+    correct: Any = 0
     seen = 0
     for x, y in batches:
-        with _autocast(device_type, precision):
+        with autocast(device_type, precision):
             logits = model(x)
         y = y.to(logits.device, non_blocking=True)
-        batch_loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        batch_correct = (logits.argmax(1) == y).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
+        loss_sum = loss_sum + nn.functional.cross_entropy(full_precision(logits), y, reduction="sum")
+        correct = correct + (logits.argmax(1) == y).sum()
         seen += y.shape[0]
     model.train(was_training)
-    loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
-    return {"test_loss": loss, "test_acc": acc, "test_samples": total_seen}
+    reduce = reduce or (lambda values: [float(v) for v in values])
+    total_loss, total_correct, total_seen = reduce([float(loss_sum), float(correct), seen])
+    return {"test_loss": total_loss / max(total_seen, 1), "test_acc": total_correct / max(total_seen, 1),
+            "test_samples": int(total_seen)}
+
+
+def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
+    """Unfreeze what this epoch trains, train, synchronise BatchNorm statistics, evaluate."""
+    started, cfg = time.perf_counter(), run.cfg
+    run.model.train()
+    stages = models.unfrozen_stages(cfg.model.finetune, epoch, cfg.model.unfreeze_every)
+    models.apply_unfrozen(run.model, stages, models.new_layer_names(cfg.model.in_channels))
+    if stages != run.trainable:  # DDP registers the trainable parameters when it wraps
+        run.trainable = stages
+        run.strategy.wrap(run.model)
+    run.train.set_epoch(epoch)
+    run.hooks.on_epoch_start(run, epoch + 1, len(run.train))
+    row: dict[str, float] = {"epoch": epoch + 1, "lr": run.state.optimizer.param_groups[0]["lr"]}
+    with memory.explain_cuda_errors():
+        row.update(train_epoch(run, run.train, stepper))
+        run.strategy.sync_buffers(run.model)
+        row.update(evaluate(run.strategy.net, run.test, run.strategy.reduce, precision=cfg.precision))
+    row["seconds"] = time.perf_counter() - started
+    return row
 
 
 # ----------------------------------------------------------------------------- fit
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def fit(cfg: Config, *, resume: bool = False, progress: ProgressMode | Progress = "auto",
+        callbacks: Sequence[Callback] = ()) -> FitResult | None:
+    """Train ``cfg`` from scratch (or from its last checkpoint with ``resume``) and return the metrics.
+
+    The built-in callbacks (progress, metrics.csv, curves.png, checkpoints) run first, then those named in
+    ``cfg.callbacks``, then ``callbacks``. Returns rank 0's result (None on other ranks under torchrun).
+    """
+    everything = [*cb.builtin(progress), *cb.from_specs(cfg.callbacks), *callbacks]
+    return launch(cfg, functools.partial(_fit_worker, cfg, resume), everything)
 
 
-def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path]:
-    if resume:
-        run_dir = Path(cfg.out_dir) / cfg.name
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
-        return cfg, run_dir
-    run_dir = report.new_run_dir(cfg.out_dir, cfg.name)
-    return dataclasses.replace(cfg, name=run_dir.name), run_dir
+def _fit_worker(cfg: Config, resume: bool, env: DistEnv, callbacks: Sequence[Callback]) -> FitResult | None:
+    started = time.perf_counter()
+    run = _setup(cfg, resume, env, callbacks)
+    state, strategy = run.state, run.strategy
+    stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing),
+                      run.cfg.precision, run.train.batch_size, run.log)
+    try:
+        for epoch in range(state.epoch, run.cfg.epochs):
+            row = _epoch(run, epoch, stepper)
+            state.epoch = epoch + 1
+            state.history.append(row)
+            run.hooks.on_epoch_end(run, row)
+    except BaseException as exc:
+        run.hooks.on_exception(run, exc)
+        raise
+    run.hooks.on_fit_end(run)
+    checksums = strategy.checksums(run.model)  # DDP ranks must end with the same weights
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"parameters diverged across ranks: checksums {checksums}")
+    if not env.is_main:
+        return None
+    best = max(state.history, key=lambda r: r["test_acc"]) if state.history else {"epoch": 0, "test_acc": float("nan")}
+    return FitResult(run.cfg, run.run_dir, list(state.history), int(best["epoch"]), float(best["test_acc"]),
+                     time.perf_counter() - started, checksums)
 
 
-def _main_decides(ctx: distributed.Context, decide: Callable[[], Any]) -> Any:
+def _dtype(cfg: Config) -> torch.dtype:
+    return torch.float64 if cfg.precision == "64-true" else torch.float32
+
+
+def _setup(cfg: Config, resume: bool, env: DistEnv, callbacks: Sequence[Callback]) -> Run:
+    """Strategy, run folder (rank 0 decides), data, model, batches, TrainState (restored with ``resume``)."""
+    strategy = make_strategy(cfg, env)
+    torch.set_num_threads(default_threads(cfg, env.local_world_size))
+    if strategy.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfg, run_dir, resumed = _main_decides(strategy, lambda: _run_dir(cfg, resume))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    splits = data.load_splits(cfg.data, cfg.seed)
+    _preflight(cfg, splits)
+    run = Run(cfg, run_dir, strategy, strategy.setup(_build_model(cfg)), Hooks(callbacks, env.is_main), splits)
+    run.hooks.on_fit_start(run)
+    if cfg.data.batch_size == "auto":
+        run.cfg = cfg = _auto_batch_size(run)
+    run.train, run.test, _ = data.build(cfg.data, device=strategy.device, seed=cfg.seed, rank=env.rank,
+                                        world=env.world_size, channels_last=cfg.model.channels_last,
+                                        dtype=_dtype(cfg), splits=splits)
+    run.state = TrainState.create(cfg, run.model, len(run.train), strategy.device.type)
+    if resumed:
+        run.state.load_state_dict(checkpoint.load(run_dir / "checkpoints" / "last.pt"))
+    if env.is_main:
+        checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
+    run.log(f"run folder: {run_dir}{f' (resumed after epoch {run.state.epoch})' if resumed else ''}  strategy: "
+            f"{strategy.describe()}  train/test images: {len(splits.train_labels)}/{len(splits.test_labels)}")
+    return run
+
+
+def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, bool]:
+    """A new run folder, or with ``resume`` the existing one and the config it was trained with (only
+    ``epochs`` and keys that do not change the result may differ: config.resume_config)."""
+    if not resume:
+        run_dir = report.new_run_dir(cfg.out_dir, cfg.name)
+        return dataclasses.replace(cfg, name=run_dir.name), run_dir, False
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
+    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    trained = config_mod.load(raw=saved["config"])
+    return config_mod.resume_config(trained, cfg, int(saved["epoch"])), run_dir, True
+
+
+def _main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` (e.g. picks the run folder) and every rank gets its result or its error."""
     outcome: Any = None
-    if ctx.env.is_main:
+    if strategy.is_main:
         try:
             outcome = ("ok", decide())
         except TrainrigError as exc:
             outcome = ("error", exc)
-    status, value = ctx.broadcast_object(outcome)
+    status, value = strategy.broadcast(outcome)
     if status == "error":
         raise value
     return value
 
 
-def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, epoch: int,
-                    history: list[dict], cfg: Config) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "history": history, "config": config_mod.to_dict(cfg), "rng": checkpoint.rng_state()}
-
-
-def _build_model(cfg: Config, ctx: distributed.Context) -> nn.Module:
-    model = models.build_model(cfg.model, seed=cfg.seed)
+def _build_model(cfg: Config) -> nn.Module:
+    model = models.build_model(cfg.model, seed=cfg.seed).to(_dtype(cfg))
     if cfg.grad_checkpointing:
         models.enable_grad_checkpointing(model)
-    if ctx.stage_devices:
-        try:
-            model = StagedResNet(model, cfg.split_at, ctx.stage_devices, cfg.split_size)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    else:
-        model = model.to(ctx.device)
     return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
 
 
@@ -260,149 +244,31 @@ def _preflight(cfg: Config, splits: data.Splits) -> None:
                           f"{'s' if channels != 1 else ''}; set model.in_channels={channels}")
 
 
-def _auto_batch_size(cfg: Config, ctx: distributed.Context, model: nn.Module, splits: data.Splits,
-                     resumed_run: Path | None, log: Callable[[str], None]) -> Config:
+def _auto_batch_size(run: Run) -> Config:
     """batch_size: auto -> the largest per-rank batch a real forward+backward+step survives, less the margin,
-    agreed (minimum) over ranks; the global size goes into the run's config. A resumed run keeps its size."""
-    if resumed_run is not None:
-        saved = config_mod.load(resumed_run / "config.yaml").data.batch_size
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=saved))
-    simulate = cfg.debug.simulate_oom_above if cfg.debug.simulate_oom_rank in (None, ctx.env.rank) else None
+    agreed (minimum) over ranks; the global size goes into the run's config."""
+    cfg, model, strategy, splits = run.cfg, run.model, run.strategy, run.splits
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     loss_fn = nn.CrossEntropyLoss()
     model.train()
 
     def try_step(size: int) -> None:
-        memory.check_simulated(size, simulate)
         optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
-        x, y = data.sample_batch(splits, size, ctx.device, cfg.model.channels_last)
-        with _autocast(ctx.device.type, cfg.precision):
+        x, y = data.sample_batch(splits, size, strategy.device, cfg.model.channels_last, _dtype(cfg))
+        with autocast(strategy.device.type, cfg.precision):
             logits = model(x)
-        loss_fn(logits.float(), y.to(logits.device)).backward()
+        loss_fn(full_precision(logits), y.to(logits.device)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    world = strategy.env.world_size
     try:
-        per_rank = memory.find_batch_size(try_step, limit=max(2, len(splits.train_labels) // ctx.env.world_size),
-                                          margin=cfg.data.auto_batch_margin, log=log)
+        per_rank = memory.find_batch_size(try_step, limit=max(2, len(splits.train_labels) // world),
+                                          margin=cfg.data.auto_batch_margin, log=run.log)
     finally:
         model.load_state_dict(snapshot)
-    per_rank = ctx.min_over_ranks(per_rank)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank * ctx.env.world_size))
-
-
-def _inject_failure(batches: Iterable, rank: int) -> Iterator:
-    """debug.fail_on_rank: this rank raises at its first training step (tests that peers do not hang)."""
-    for _ in batches:
-        raise RuntimeError(f"injected failure on rank {rank} (debug.fail_on_rank)")
-    yield from ()
-
-
-def fit(cfg: Config, *, resume: bool = False, progress: ProgressMode | Progress = "auto",
-        on_epoch: Callable[[dict, Path], None] | None = None) -> FitResult | None:
-    """Train ``cfg`` from scratch (or from its last checkpoint with ``resume``) and return the metrics.
-
-    The strategy decides the processes (distributed.launch); each runs the same epochs: train, evaluate
-    under inference mode, and on rank 0 append a row of floats to metrics.csv, save last.pt (and best.pt
-    when test accuracy improves) atomically, redraw curves.png and call ``on_epoch``. Returns rank 0's
-    result (None on the other ranks of a torchrun launch).
-    """
-    return distributed.launch(cfg, functools.partial(_fit_worker, cfg, resume, progress, on_epoch))
-
-
-def _fit_worker(cfg: Config, resume: bool, progress: ProgressMode | Progress,
-                on_epoch: Callable[[dict, Path], None] | None, ctx: distributed.Context) -> FitResult | None:
-    started = time.perf_counter()
-    env, main = ctx.env, ctx.env.is_main
-    torch.set_num_threads(distributed.default_threads(cfg, env.local_world_size))
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    cfg, run_dir = _main_decides(ctx, lambda: _run_dir(cfg, resume))
-    _seed_everything(cfg.seed)
-    bar = progress if isinstance(progress, Progress) else make_progress(progress if main else "off")
-
-    splits = data.load_splits(cfg.data, cfg.seed)
-    _preflight(cfg, splits)
-    model = _build_model(cfg, ctx)  # unwrapped: its state_dict is what checkpoints hold
-    if cfg.data.batch_size == "auto":
-        cfg = _auto_batch_size(cfg, ctx, model, splits, run_dir if resume else None, bar.message)
-    train_batches, test_batches, _ = data.build(cfg.data, device=ctx.device, seed=cfg.seed, rank=env.rank,
-                                                world=env.world_size, channels_last=cfg.model.channels_last,
-                                                splits=splits)
-    optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor_fn(cfg.sched, cfg.epochs, max(1, len(train_batches))))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "16-mixed")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    simulate = cfg.debug.simulate_oom_rank in (None, env.rank)
-    micro = memory.MicroBatcher(micro=train_batches.batch_size, log=bar.message,
-                                simulate_above=cfg.debug.simulate_oom_above if simulate else None)
-
-    history: list[dict] = []
-    first_epoch = 0
-    if resume:
-        state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        history, first_epoch = list(state["history"]), int(state["epoch"])
-    if main:
-        checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
-
-    where = ", ".join(map(str, ctx.stage_devices)) if ctx.stage_devices else str(ctx.device)
-    bar.message(f"run folder: {run_dir}  strategy: {ctx.strategy} x{env.world_size}  device: {where}  "
-                f"train/test images: {len(splits.train_labels)}/{len(splits.test_labels)}")
-    new_layers = models.new_layer_names(cfg.model.in_channels)
-    best_acc = max((row["test_acc"] for row in history), default=-1.0)
-    stages, net = None, model
-    bar.start(cfg.epochs, first_epoch)
-    try:
-        for epoch in range(first_epoch, cfg.epochs):
-            epoch_start = time.perf_counter()
-            model.train()
-            now = models.unfrozen_stages(cfg.model.finetune, epoch, cfg.model.unfreeze_every)
-            models.apply_unfrozen(model, now, new_layers)
-            if now != stages:  # DDP registers the trainable parameters when it wraps: rewrap on change
-                stages, net = now, distributed.wrap(model, ctx)
-            train_batches.set_epoch(epoch)
-            fail = cfg.debug.fail_on_rank == env.rank and cfg.debug.fail_at_epoch == epoch
-            batches = _inject_failure(train_batches, env.rank) if fail else train_batches
-            bar.start_epoch(epoch + 1, len(train_batches))
-            lr = optimizer.param_groups[0]["lr"]
-            with memory.explain_cuda_errors():
-                row = {"epoch": epoch + 1, "lr": lr,
-                       **train_epoch(net, batches, optimizer, scheduler, loss_fn, bar, ctx.all_reduce_sum, micro=micro,
-                                     precision=cfg.precision, scaler=scaler, agree=ctx.agree_any,
-                                     sync_grads=ctx.all_reduce_grads)}
-                ctx.sync_buffers(model)
-                row.update(evaluate(net, test_batches, ctx.all_reduce_sum, precision=cfg.precision))
-            row["seconds"] = time.perf_counter() - epoch_start
-            history.append(row)
-            if main:
-                state = _training_state(model, optimizer, scheduler, epoch + 1, history, cfg)
-                state["scaler"] = scaler.state_dict()
-                checkpoint.save(run_dir / "checkpoints" / "last.pt", state)
-                if row["test_acc"] > best_acc:
-                    best_acc = row["test_acc"]
-                    checkpoint.save(run_dir / "checkpoints" / "best.pt", state)
-                report.write_metrics(run_dir, history)
-                report.plot_curves(run_dir, history, title=cfg.name)
-                bar.end_epoch(row)
-                if on_epoch is not None:
-                    on_epoch(row, run_dir)
-    finally:
-        bar.close()
-    checksums = ctx.gather_checksums(model)  # DDP ranks must end with the same weights
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"parameters diverged across ranks: checksums {checksums}")
-    if not main:
-        return None
-    best = max(history, key=lambda r: r["test_acc"]) if history else {"epoch": 0, "test_acc": float("nan")}
-    return FitResult(cfg, run_dir, history, int(best["epoch"]), float(best["test_acc"]),
-                     time.perf_counter() - started, checksums)
+    per_rank = strategy.min_over_ranks(per_rank)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank * world))
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
@@ -412,10 +278,11 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
         raise CheckpointError(f"{path}: not a trainrig checkpoint (needs 'config' and 'model')")
     cfg = config_mod.load(raw=state["config"], overrides=overrides)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
-    device = distributed.resolve_device(cfg.device)
-    torch.set_num_threads(distributed.default_threads(cfg, 1))
-    _, test_batches, _ = data.build(cfg.data, device=device, seed=cfg.seed, channels_last=cfg.model.channels_last)
-    model = models.build_model(cfg.model).to(device)
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(default_threads(cfg, 1))
+    _, test_batches, _ = data.build(cfg.data, device=device, seed=cfg.seed, channels_last=cfg.model.channels_last,
+                                    dtype=_dtype(cfg))
+    model = models.build_model(cfg.model).to(device, _dtype(cfg))
     model.load_state_dict(models.strip_prefixes(state["model"]))
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -132,16 +132,6 @@ def memory_report() -> Iterator[MemoryReport]:
 
 # ----------------------------------------------------------------------------- OOM recovery
 
-class SimulatedOOM(torch.cuda.OutOfMemoryError):
-    """Raised by the ``debug.simulate_oom_above`` switch: behaves like a real CUDA OOM."""
-
-
-def check_simulated(size: int, limit: int | None) -> None:
-    """Fault injection: a micro-batch larger than ``limit`` 'runs out of memory'."""
-    if limit is not None and size > limit:
-        raise SimulatedOOM(f"CUDA out of memory (simulated: micro-batch {size} > debug.simulate_oom_above={limit})")
-
-
 def memory_figures() -> str:
     """One line of the figures that matter after an OOM: per-GPU free/total and peak, or host RAM."""
     rows = gpu_usage()
@@ -149,73 +139,6 @@ def memory_figures() -> str:
         return "; ".join(f"cuda:{r.index} free {r.free:.0f}/{r.total:.0f} MiB, peak {r.peak:.0f} MiB" for r in rows)
     host = host_memory()
     return f"host RAM available {host['available']:.0f}/{host['total']:.0f} MiB, process {host['process_rss']:.0f} MiB"
-
-
-class PeerOOM(Exception):
-    """Another DDP rank ran out of memory in this step: retry together."""
-
-
-@dataclass
-class MicroBatcher:
-    """Runs one optimizer step's forward/backward over micro-batches and survives OOM.
-
-    On an OOM (by type, then by the CPU allocator's text) the step's gradients are dropped, memory is
-    freed, the micro-batch is halved (so gradient accumulation doubles, the effective batch and the data
-    order stay the same) and the same batch is redone. Under DDP the micro-batches run under
-    ``no_sync`` and every rank learns of any rank's OOM through ``agree`` (an all-reduced flag) before
-    the caller all-reduces the gradients, so ranks never disagree about which collective comes next and
-    all retry together.
-    """
-
-    micro: int
-    simulate_above: int | None = None
-    log: Callable[[str], None] = print
-
-    def run(self, x: torch.Tensor, y: torch.Tensor, forward: Callable, backward: Callable, zero_grad: Callable,
-            agree: Callable[[bool], bool], no_sync: Callable) -> tuple:
-        """One step over batch (x, y). ``forward(xc, yc, weight) -> (scaled_loss, loss_sum, correct)`` runs the
-        model on a micro-batch; ``backward(scaled_loss)``; ``agree(flag)`` ORs a flag over ranks; ``no_sync()``
-        is DDP's context for micro-batches whose gradients are not all-reduced yet. Returns (loss_sum, correct)."""
-        while True:
-            try:
-                return self._attempt(x, y, forward, backward, agree, no_sync)
-            except PeerOOM:
-                reason = "another rank ran out of memory"
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                reason = str(exc).splitlines()[0][:160]
-            zero_grad()
-            free_memory()
-            if self.micro <= 1:
-                from .errors import OutOfMemory
-
-                raise OutOfMemory(f"out of memory even at micro-batch 1 ({reason}); {memory_figures()}. "
-                                  f"Try precision: 16-mixed or bf16-mixed, grad_checkpointing: true, or a smaller "
-                                  f"model") from None
-            self.micro = max(1, min(self.micro, x.shape[0]) // 2)
-            steps = -(-x.shape[0] // self.micro)
-            self.log(f"OOM ({reason}): redoing this batch as micro-batch {self.micro} x {steps} accumulation "
-                     f"(effective batch {x.shape[0]} unchanged)")
-
-    def _attempt(self, x, y, forward, backward, agree, no_sync) -> tuple:
-        n = x.shape[0]
-        loss_sum = correct = 0
-        try:
-            for xc, yc in zip(x.split(self.micro), y.split(self.micro)):
-                with no_sync():  # gradients accumulate locally; the caller all-reduces them once, after agree()
-                    check_simulated(xc.shape[0], self.simulate_above)
-                    scaled, batch_loss, batch_correct = forward(xc, yc, xc.shape[0] / n)
-                    backward(scaled)
-                loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-                del scaled
-        except Exception as exc:
-            if is_oom(exc):
-                agree(True)  # tell the peers, who are waiting in their own agree()
-            raise
-        if agree(False):  # did every rank get through? (one tiny all-reduce under DDP)
-            raise PeerOOM
-        return loss_sum, correct
 
 
 def find_batch_size(try_step, start: int = 2, limit: int = 4096, margin: float = 0.1, log=print) -> int:

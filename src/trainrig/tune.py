@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from .callbacks import Callback
 from .checkpoint import atomic_write_text
 from .config import Config
 from .errors import ConfigError
@@ -87,7 +88,7 @@ def validate_space(cfg: Config) -> dict[str, tuple[str, Any]]:
         if dist not in DISTRIBUTIONS:
             raise ConfigError(f"tune.search_space.{key}: unknown distribution '{dist}' "
                               f"(choose from {', '.join(DISTRIBUTIONS)})")
-        if key.split(".")[0] in ("tune", "debug"):
+        if key.split(".")[0] in ("tune", "callbacks"):
             raise ConfigError(f"tune.search_space.{key}: not a fit-config key")
         if dist == "grid" and cfg.tune.searcher == "hyperopt":
             raise ConfigError(f"tune.search_space.{key}: grid cannot be used with searcher: hyperopt "
@@ -141,17 +142,42 @@ def _trial_folder() -> Path:
     return Path(context.get_trial_dir())
 
 
+class TuneReport(Callback):
+    """Reports each epoch's metrics and last.pt to Ray Tune. It runs in the trial's own process (under
+    spawned DDP rank 0's events are relayed to it), where Ray's session lives."""
+
+    in_launcher = True
+
+    def on_epoch_end(self, run: Any, row: dict) -> None:
+        from ray import tune
+
+        metrics = {name: row[key] for name, key in METRICS.items()}
+        metrics["epoch"] = row["epoch"]
+        last = run.run_dir / "checkpoints" / "last.pt"
+        # Ray copies the reported folder into the trial's checkpoint_N; a hard link hands it last.pt without
+        # writing it once more (safe: the next save replaces last.pt by rename, never in place)
+        with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".report-") as tmp:
+            try:
+                os.link(last, Path(tmp) / "last.pt")
+            except OSError:  # a file system without hard links
+                shutil.copyfile(last, Path(tmp) / "last.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
 def _trial(params: dict[str, Any], base: dict) -> None:
-    """One trial: the fit config with ``params`` set, trained in-process by ``loop.fit``, reporting
-    every epoch with a checkpoint so schedulers can stop it and a restored experiment can resume it."""
+    """One trial: the fit config with ``params`` set, trained by ``loop.fit`` (in this process, or as a
+    DDP group of spawned processes with ``strategy: ddp``), reporting every epoch with a checkpoint so
+    schedulers can stop it and a restored experiment can resume it."""
     from ray import tune
 
+    from .launch import ddp_world_size
     from .loop import fit
 
     trial_dir = _trial_folder()
     cfg = apply_params(config_mod.load(raw=base), params)
+    ranks = ddp_world_size(cfg) if cfg.strategy == "ddp" else 1
     cfg = dataclasses.replace(cfg, out_dir=str(trial_dir), name="fit",
-                              threads=max(1, int(cfg.tune.resources_per_trial.cpu)))
+                              threads=max(1, int(cfg.tune.resources_per_trial.cpu) // ranks))
     restored, run_dir = tune.get_checkpoint(), trial_dir / "fit"
     if restored is not None:
         with restored.as_directory() as folder:
@@ -162,20 +188,7 @@ def _trial(params: dict[str, Any], base: dict) -> None:
         # folder of that attempt holds nothing Ray kept, so it is replaced rather than left beside a fit-2
         print(f"trainrig: trial restarted from scratch; replacing its unreported attempt in {run_dir}", flush=True)
         shutil.rmtree(run_dir)
-
-    def report(row: dict, run_dir: Path) -> None:
-        metrics = {name: row[key] for name, key in METRICS.items()}
-        metrics["epoch"] = row["epoch"]
-        # Ray copies the reported folder into the trial's checkpoint_N; a hard link hands it last.pt without
-        # writing it once more (safe: the next save replaces last.pt by rename, never in place)
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as tmp:
-            try:
-                os.link(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
-            except OSError:  # a file system without hard links
-                shutil.copyfile(run_dir / "checkpoints" / "last.pt", Path(tmp) / "last.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-    fit(cfg, resume=restored is not None, progress="off", on_epoch=report)
+    fit(cfg, resume=restored is not None, progress="off", callbacks=[TuneReport()])
 
 
 # ----------------------------------------------------------------------------- running

@@ -1,0 +1,66 @@
+"""The training state: everything a resumed run needs, saved and restored through one path."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import models
+from .config import Config
+from .optim import build_optimizer, lr_factor_fn
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may touch, in a form ``weights_only`` loading accepts."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass
+class TrainState:
+    """Model (unwrapped), optimizer, per-step schedule, loss scaler, epochs done and their metrics."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, cfg: Config, model: nn.Module, steps_per_epoch: int, device_type: str) -> "TrainState":
+        optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor_fn(cfg.sched, cfg.epochs, max(1, steps_per_epoch)))
+        scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "16-mixed")
+        return cls(model, optimizer, scheduler, scaler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "history": list(self.history), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])

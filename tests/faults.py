@@ -1,0 +1,86 @@
+"""Fault injection for tests only: callbacks that make a rank fail or 'run out of memory' on CPU.
+
+They are picklable module-level classes, so they travel to spawned DDP ranks (tests/ is on sys.path in
+pytest and in the ranks it spawns); a CLI run names them in ``callbacks`` with PYTHONPATH=tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainrig.callbacks import Callback
+
+
+class SimulatedOOM(torch.cuda.OutOfMemoryError):
+    """Behaves like a real CUDA OOM: trainrig recognises it by type."""
+
+
+def check_simulated(size: int, limit: int | None) -> None:
+    """A batch larger than ``limit`` 'runs out of memory'."""
+    if limit is not None and size > limit:
+        raise SimulatedOOM(f"CUDA out of memory (simulated: micro-batch {size} > {limit})")
+
+
+class SimulateOOM(Callback):
+    """Training forward passes over more than ``above`` images raise SimulatedOOM (on ``rank`` only, or
+    every rank), once ``after`` training forward passes went through.
+
+    The check is a forward pre-hook on the unwrapped model, so it fires where a real OOM would: inside
+    the model's forward, after DDP's own pre-forward work."""
+
+    rank_zero_only = False
+
+    def __init__(self, above: int, rank: int | None = None, after: int = 0):
+        self.above, self.rank, self.after, self.calls = above, rank, after, 0
+
+    def _check(self, module, args) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls > self.after:
+                check_simulated(args[0].shape[0], self.above)
+
+    def on_fit_start(self, run) -> None:
+        if self.rank in (None, run.strategy.env.rank):
+            run.model.register_forward_pre_hook(self._check)
+
+
+class FailOnRank(Callback):
+    """Rank ``rank`` raises at its first training step of (0-based) epoch ``epoch``."""
+
+    rank_zero_only = False
+
+    def __init__(self, rank: int, epoch: int = 0):
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        if run.strategy.env.rank == self.rank and run.state.epoch == self.epoch:
+            raise RuntimeError(f"injected failure on rank {self.rank}")
+
+
+class Recorder(Callback):
+    """Writes every hook it sees, in order, to <run_dir>/<name>-rank<R>.txt (every rank, or rank 0)."""
+
+    def __init__(self, every_rank: bool = False, name: str = "hooks"):
+        self.rank_zero_only, self.name = not every_rank, name
+        self.lines: list[str] = []
+
+    def _note(self, run, text: str) -> None:
+        self.lines.append(text)
+        (run.run_dir / f"{self.name}-rank{run.strategy.env.rank}.txt").write_text("\n".join(self.lines) + "\n")
+
+    def on_fit_start(self, run) -> None:
+        self._note(run, "fit_start")
+
+    def on_epoch_start(self, run, epoch, batches) -> None:
+        self._note(run, f"epoch_start {epoch} {batches}")
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        self._note(run, f"batch {step} {float(loss):.6f}")
+
+    def on_epoch_end(self, run, row) -> None:
+        self._note(run, f"epoch_end {row['epoch']} {row['train_loss']:.6f} {row['test_acc']:.6f}")
+
+    def on_fit_end(self, run) -> None:
+        self._note(run, "fit_end")
+
+    def on_message(self, run, text) -> None:
+        self._note(run, f"message {text}")
