@@ -9,13 +9,15 @@ interleaved and the median of each is reported):
   fused AdamW, batches cut from in-memory tensors), no trainrig,
 - plain 2 DDP processes: the same loop under ``mp.spawn`` + ``DistributedDataParallel`` with its defaults.
 
-Each measurement trains on the same real FashionMNIST images (``--images`` per process). Efficiency is
-thr2 / (2 x thr1); the plain pair shows what this machine allows DDP to reach.
+Each measurement trains on the same real FashionMNIST images (``--images`` per process) and times the
+steps after the first ``--warmup`` ones (a fresh process spends its first steps creating kernels and
+buffers). Efficiency is thr2 / (2 x thr1); the plain pair shows what this machine allows DDP to reach.
 Run: ``python benchmarks/ddp_scaling.py [--rounds 3] [--images 2560] [--batch 128]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -32,15 +34,32 @@ from trainrig.config import default_config_path
 from trainrig.launch import free_port
 
 
-def trainrig_images_per_s(tmp: str, name: str, overrides: list[str]) -> float:
+class WarmTimer(trainrig.Callback):
+    """Training images/s over the steps after the first ``warmup``, written to <run>/timing.json."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.marks = warmup, []
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        if step >= self.warmup:
+            loss.item()  # waits for the device
+            self.marks.append(time.perf_counter())
+
+    def on_epoch_end(self, run, row) -> None:
+        steps, seconds = len(self.marks) - 1, self.marks[-1] - self.marks[0]
+        (run.run_dir / "timing.json").write_text(json.dumps({"images_per_s": steps * run.cfg.data.batch_size / seconds}))
+
+
+def trainrig_images_per_s(tmp: str, name: str, warmup: int, overrides: list[str]) -> float:
     cfg = trainrig.load_config(default_config_path(), [f"out_dir={tmp}", f"name={name}", "epochs=1", "threads=1",
                                                        "data.test_subset=256", "sched.name=none",
                                                        "data.flip=false", *overrides])
-    return trainrig.fit(cfg, progress="off").history[-1]["images_per_s"]
+    result = trainrig.fit(cfg, progress="off", callbacks=[WarmTimer(warmup)])
+    return json.loads((result.run_dir / "timing.json").read_text())["images_per_s"]
 
 
 def _plain_worker(rank: int, world: int, port: int, images: torch.Tensor, labels: torch.Tensor, batch: int,
-                  results: object) -> None:
+                  warmup: int, results: object) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -53,23 +72,25 @@ def _plain_worker(rank: int, world: int, port: int, images: torch.Tensor, labels
     x_all = ((images[rank::world].float() / 255 - data.FASHION_MEAN) / data.FASHION_STD).unsqueeze(1)
     x_all = x_all.contiguous(memory_format=torch.channels_last)
     y_all = labels[rank::world]
-    steps = len(y_all) // batch
-    start = time.perf_counter()
+    steps, start = len(y_all) // batch, 0.0
     for i in range(steps):
+        if i == warmup:
+            start = time.perf_counter()
         x, y = x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch]
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
     elapsed = time.perf_counter() - start
     if rank == 0:
-        results.put(world * steps * batch / elapsed)
+        results.put(world * (steps - warmup) * batch / elapsed)
     if world > 1:
         dist.destroy_process_group()
 
 
-def plain_images_per_s(world: int, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+def plain_images_per_s(world: int, images: torch.Tensor, labels: torch.Tensor, batch: int, warmup: int) -> float:
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_plain_worker, args=(world, free_port(), images, labels, batch, results), nprocs=world, join=True)
+    mp.spawn(_plain_worker, args=(world, free_port(), images, labels, batch, warmup, results), nprocs=world,
+             join=True)
     return results.get()
 
 
@@ -78,17 +99,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=2560, help="training images per process per measurement")
     parser.add_argument("--batch", type=int, default=128, help="batch per process")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     args = parser.parse_args()
     splits = data.load_fashion_mnist("data", download=False)
     n1, n2 = args.images, 2 * args.images
     images, labels = splits.train_images[:n2], splits.train_labels[:n2]
     runs = {
-        "trainrig 1 x 1": lambda tmp: trainrig_images_per_s(tmp, "one", [
+        "trainrig 1 x 1": lambda tmp: trainrig_images_per_s(tmp, "one", args.warmup, [
             "strategy=single", f"data.batch_size={args.batch}", f"data.subset={n1}"]),
-        "trainrig DDP 2 x 1": lambda tmp: trainrig_images_per_s(tmp, "two", [
+        "trainrig DDP 2 x 1": lambda tmp: trainrig_images_per_s(tmp, "two", args.warmup, [
             "strategy=ddp", "devices=2", "backend=gloo", f"data.batch_size={2 * args.batch}", f"data.subset={n2}"]),
-        "plain 1 x 1": lambda tmp: plain_images_per_s(1, images[:n1], labels[:n1], args.batch),
-        "plain DDP 2 x 1": lambda tmp: plain_images_per_s(2, images, labels, args.batch),
+        "plain 1 x 1": lambda tmp: plain_images_per_s(1, images[:n1], labels[:n1], args.batch, args.warmup),
+        "plain DDP 2 x 1": lambda tmp: plain_images_per_s(2, images, labels, args.batch, args.warmup),
     }
     measured: dict[str, list[float]] = {name: [] for name in runs}
     print(f"torch {torch.__version__}, batch {args.batch} per process, {args.images} images per process", flush=True)

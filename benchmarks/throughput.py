@@ -40,11 +40,11 @@ def plain_model() -> nn.Module:
     return model
 
 
-def plain_images_per_s(root: Path, batch: int, steps: int, warmup: int) -> float:
+def plain_images_per_s(root: Path, batch: int, steps: int, warmup: int, device: torch.device) -> float:
     ds = torchvision.datasets.FashionMNIST(str(root), train=True, download=False,
                                            transform=torchvision.transforms.ToTensor())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2)
-    model = plain_model().train()
+    model = plain_model().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     seen, start = 0, None
@@ -53,21 +53,23 @@ def plain_images_per_s(root: Path, batch: int, steps: int, warmup: int) -> float
             start, seen = time.perf_counter(), 0
         if i == warmup + steps:
             break
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         seen += y.shape[0]
+    float(loss)  # waits for the device
     return seen / (time.perf_counter() - start)
 
 
-def trainrig_images_per_s(batch: int, steps: int, warmup: int) -> float:
-    cfg = config.load(None, [f"data.batch_size={batch}", "optim.name=adamw", "optim.lr=1e-3"])
-    train, _, _ = data.build(cfg.data, device=torch.device("cpu"), channels_last=cfg.model.channels_last)
-    model = models.build_model(cfg.model, seed=0).to(memory_format=torch.channels_last).train()
+def trainrig_images_per_s(batch: int, steps: int, warmup: int, device: torch.device) -> float:
+    cfg = config.load(None, [f"data.batch_size={batch}", "optim.name=adamw", "optim.lr=1e-3", f"device={device}"])
+    train, _, _ = data.build(cfg.data, device=device, channels_last=cfg.model.channels_last)
     strategy = SingleStrategy(cfg, DistEnv())
+    model = strategy.setup(models.build_model(cfg.model, seed=0)).to(memory_format=torch.channels_last).train()
     strategy.wrap(model)
-    stepper = Stepper(strategy, TrainState.create(cfg, model, len(train), "cpu"), nn.CrossEntropyLoss(), "32",
+    stepper = Stepper(strategy, TrainState.create(cfg, model, len(train), device.type), nn.CrossEntropyLoss(), "32",
                       batch, log=print)
 
     def run(n: int) -> float:  # batch cutting, normalisation and the step are all inside the timed loop
@@ -86,16 +88,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--images", type=int, default=3840, help="timed training images per measurement")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.images} timed images per cell")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device}, {args.threads} threads, {args.images} timed images per cell")
     print(f"{'batch':>5} {'plain img/s':>12} {'trainrig img/s':>15} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(Path(tmp))
         for batch in args.batch_sizes:
             steps, warmup = max(1, args.images // batch), 3
-            plain = plain_images_per_s(root, batch, steps, warmup)
-            ours = trainrig_images_per_s(batch, steps, warmup)
+            plain = plain_images_per_s(root, batch, steps, warmup, device)
+            ours = trainrig_images_per_s(batch, steps, warmup, device)
             print(f"{batch:>5} {plain:>12.1f} {ours:>15.1f} {ours / plain:>6.2f}", flush=True)
 
 

@@ -199,3 +199,14 @@ def test_model_parallel_fit_on_two_cpu_devices(tiny_cfg):
     with pytest.raises(trainrig.ConfigError, match="2 devices for 3 stages"):
         trainrig.fit(tiny_cfg("strategy=model_parallel", "devices=[cpu, cpu]", "split_at=[layer2, layer3]"),
                      progress="off")
+
+
+def test_gradual_unfreezing_rewraps_ddp(tiny_cfg):
+    """DDP registers the trainable parameters when it wraps: a stage unfrozen later must train on every rank."""
+    cfg = tiny_cfg(*DDP, "epochs=3", "model.finetune=gradual", "data.synthetic_train=64")
+    result = trainrig.fit(cfg, progress="off")
+    assert result.param_checksums[0] == result.param_checksums[1]
+    initial = models.build_model(cfg.model, seed=cfg.seed).state_dict()
+    trained = checkpoint.load(result.run_dir / "checkpoints" / "last.pt")["model"]
+    changed = {k.split(".")[0] for k in initial if "running" not in k and not torch.equal(initial[k], trained[k])}
+    assert {"layer4", "layer3", "fc", "conv1"} <= changed and "layer1" not in changed  # epochs 2, 3 unfroze 4, 3

@@ -10,7 +10,7 @@ import contextlib
 import gc
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
