@@ -126,6 +126,9 @@ def main() -> None:
         effs = [two / (2 * one) for one, two in zip(measured[f"{who} 1 x 1"], measured[f"{who} DDP 2 x 1"])]
         print(f"{who:<9} scaling efficiency thr2 / (2 x thr1): median {statistics.median(effs):.3f} "
               f"(rounds: {', '.join(f'{e:.3f}' for e in effs)})")
+    base = max(med["trainrig 1 x 1"], med["plain 1 x 1"])  # one baseline for both: the faster single process
+    print(f"against one baseline ({base:.1f} images/s): trainrig DDP {med['trainrig DDP 2 x 1'] / (2 * base):.3f}, "
+          f"plain DDP {med['plain DDP 2 x 1'] / (2 * base):.3f}")
     print(f"trainrig DDP / plain DDP throughput: {med['trainrig DDP 2 x 1'] / med['plain DDP 2 x 1']:.3f}")
 
 

@@ -9,6 +9,7 @@ for each to be handled, so files it names are stable meanwhile).
 from __future__ import annotations
 
 import datetime
+import gc
 import queue as queue_mod
 import socket
 import traceback
@@ -62,6 +63,7 @@ def _in_group(cfg: Config, env: DistEnv, worker: Worker, callbacks: Sequence[Cal
         return worker(env, callbacks)
     finally:
         if made:
+            gc.collect()  # the worker's DDP reducer (and its comm hook) goes before the group it uses
             dist.destroy_process_group()
 
 

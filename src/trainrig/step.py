@@ -17,13 +17,17 @@ step instead (one host sync per step, DDP only).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from .errors import OutOfMemory
 from .memory import free_memory, is_oom, memory_figures
+
+if TYPE_CHECKING:
+    from .state import TrainState
+    from .strategy import SingleStrategy
 
 _AMP_DTYPES: dict[str, torch.dtype | None] = {"32": None, "64-true": None, "16-mixed": torch.float16,
                                               "bf16-mixed": torch.bfloat16}
@@ -60,7 +64,7 @@ class _Launched:
 class Stepper:
     """Runs the optimizer steps of an epoch and keeps the committed loss / accuracy sums on the device."""
 
-    def __init__(self, strategy: Any, state: Any, loss_fn: nn.Module, precision: str, micro: int,
+    def __init__(self, strategy: SingleStrategy, state: TrainState, loss_fn: nn.Module, precision: str, micro: int,
                  log: Callable[[str], None]):
         self.strategy, self.state, self.loss_fn, self.precision = strategy, state, loss_fn, precision
         self.micro, self.log = micro, log
@@ -112,7 +116,7 @@ class Stepper:
         lrs = [g["lr"] for g in self.state.optimizer.param_groups]
         strategy.begin_step()
         self.state.optimizer.zero_grad(set_to_none=True)
-        if getattr(strategy, "broken", False):  # this rank's reducer was interrupted: only keep peers going
+        if strategy.broken:  # this rank's reducer was interrupted: only keep the peers' collectives going
             strategy.step_failed()
             return _Launched(x, y, lrs, None, self._flag_copy(), "recovering")
         try:

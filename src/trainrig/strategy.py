@@ -68,6 +68,7 @@ class SingleStrategy:
     """One process, one device: every collective is the identity."""
 
     name = "single"
+    broken = False  # DDP: an OOM interrupted this rank's reducer; it only mirrors collectives until re-wrapped
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -227,7 +228,6 @@ class DDPStrategy(SingleStrategy):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.hook: _HookState | None = None
-        self.broken = False  # an OOM interrupted this rank's reducer: rewrap before computing again
 
     @property
     def distributed(self) -> bool:
