@@ -4,7 +4,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from trainrig import config
+from trainrig import config, reference
 from trainrig.cli import app
 from trainrig.errors import ConfigError
 
@@ -69,15 +69,15 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_every_field_has_help():
-    rows = config.describe()
+    rows = reference.describe()
     assert len(rows) > 30
     assert all(help_text for _, _, _, help_text in rows)
 
 
 def test_docs_config_reference_is_generated_from_the_schema():
     page = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
-    assert page == config.markdown_reference(), "docs/config.md is stale: run make docs"
-    assert all(f"| `{key}` |" in page for key, *_ in config.describe())
+    assert page == reference.markdown_reference(), "docs/config.md is stale: run make docs"
+    assert all(f"| `{key}` |" in page for key, *_ in reference.describe())
     shown = runner.invoke(app, ["config", "keys", "--markdown"])
     assert shown.exit_code == 0 and shown.output == page
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import config as config_mod
+from . import config as config_mod, reference
 from .launch import WorkerFailed
 from .errors import TrainrigError
 
@@ -169,12 +169,12 @@ def config_show(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) ->
 def config_keys(markdown: bool = typer.Option(False, "--markdown", help="Print docs/config.md instead.")) -> None:
     """List every config key with its type, default and meaning."""
     if markdown:
-        sys.stdout.write(config_mod.markdown_reference())
+        sys.stdout.write(reference.markdown_reference())
         return
     table = Table(show_lines=False)
     for col in ("key", "type", "default", "meaning"):
         table.add_column(col, overflow="fold")
-    for row in config_mod.describe():
+    for row in reference.describe():
         table.add_row(*row)
     out.print(table)
 

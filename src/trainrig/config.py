@@ -443,33 +443,3 @@ def resume_config(trained: Config, requested: Config, epochs_done: int) -> Confi
     data = {k.split(".")[1]: getattr(requested.data, k.split(".")[1]) for k in RESUME_FREE if k.startswith("data.")}
     return dataclasses.replace(trained, **top, tune=requested.tune,
                                data=dataclasses.replace(trained.data, **data))
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows of (key, type, default, help) for every key, nested sections flattened."""
-    rows = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        key = _join(prefix, f.name)
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key))
-        else:
-            shown = yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip().removesuffix("\n...")
-            rows.append((key, _type_name(tp), shown, f.metadata.get("help", "")))
-    return rows
-
-
-def markdown_reference() -> str:
-    """docs/config.md: every key as a table row, generated from the schema (``make docs``)."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("<", "\\<")
-
-    lines = ["# Config reference", "",
-             "Generated from the schema in `src/trainrig/config.py` by `make docs` (`trainer config keys "
-             "--markdown`); a test keeps it in sync. Keys and schema defaults (the packaged YAML files override "
-             "some). YAML and `--set` values are converted by the key's type (`--set optim.lr=3e-4`, "
-             "`--set data.subset=null`).", "",
-             "| key | type | default | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{key}` | {cell(tp)} | `{default}` | {cell(help_text)} |" for key, tp, default, help_text in describe()]
-    return "\n".join(lines) + "\n"
