@@ -96,7 +96,6 @@ def test_batches_cover_epoch_once_and_reshuffle():
     x, y = next(iter(train))
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
-    expected = (splits.test_images[:1].float() / 255 - splits.mean) / splits.std
     labels0 = torch.cat([y for _, y in train])
     assert sorted(labels0.tolist()) == sorted(splits.train_labels.tolist())
     train.set_epoch(1)
@@ -104,8 +103,10 @@ def test_batches_cover_epoch_once_and_reshuffle():
     assert not torch.equal(labels0, labels1)
     train.set_epoch(0)
     assert torch.equal(torch.cat([y for _, y in train]), labels0)  # same epoch -> same order
-    xt = next(iter(test))[0]
-    assert torch.allclose(xt[0, 0], expected[0], atol=1e-6)
+    _, test64, _ = _batches(cfg, seed=3, dtype=torch.float64)  # normalisation checked in float64
+    xt = next(iter(test64))[0]
+    expected = (splits.test_images[:1].double() / 255 - splits.mean) / splits.std
+    assert xt.dtype == torch.float64 and torch.allclose(xt[0, 0], expected[0], rtol=0, atol=1e-12)
 
 
 def test_flip_and_crop_on_whole_batches():

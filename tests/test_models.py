@@ -41,10 +41,12 @@ def test_xavier_conv1_statistics():
 
 
 def test_fold_to_grey_keeps_response():
-    old = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    """The same sum regrouped: compared in float64."""
+    old = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False).double()
     grey = new_conv1(old, 1, "fold")
-    x = torch.randn(2, 1, 9, 9)
-    assert torch.allclose(grey(x), old(x.expand(-1, 3, -1, -1)), atol=1e-5)
+    assert grey.weight.dtype == torch.float64  # built like the conv it replaces
+    x = torch.randn(2, 1, 9, 9, dtype=torch.float64)
+    assert torch.allclose(grey(x), old(x.expand(-1, 3, -1, -1)), rtol=0, atol=1e-12)
 
 
 def test_fold_arithmetic_other_channel_counts():

@@ -42,7 +42,8 @@ def new_conv1(old: nn.Conv2d, in_channels: int, init: str, generator: torch.Gene
     of the old kernel, so pretrained features survive the change of input.
     """
     conv = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                     dilation=old.dilation, groups=old.groups, bias=old.bias is not None)
+                     dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         if init == "fold":
             conv.weight.copy_(fold_conv_weight(old.weight.detach(), in_channels))
