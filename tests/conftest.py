@@ -45,3 +45,10 @@ def tiny_cfg(tmp_path):
                 f"out_dir={tmp_path / 'runs'}", "name=tiny", "optim.name=adam", "sched.name=none"]
         return trainrig.load_config(None, base + list(overrides))
     return make
+
+
+def assert_exit_2(result, message: str) -> None:
+    """A CLI result that is bad input: exit code 2, ``message`` on one line, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
