@@ -3,7 +3,8 @@
 Four measurements, alternated in each of ``--rounds`` rounds (the machine's speed drifts, so they are
 interleaved and the median of each is reported):
 
-- trainrig 1 process x 1 thread (``strategy: single``, batch B),
+- trainrig 1 process x 1 thread (batch B; ``strategy: ddp, devices: 1``, i.e. the single-device step in a
+  spawned process, as fresh as the others),
 - trainrig 2 DDP processes x 1 thread (gloo, global batch 2B: weak scaling, the usual way to quote it),
 - plain 1 process x 1 thread: the textbook loop (ResNet18 with the same 1-channel conv1, channels_last,
   fused AdamW, batches cut from in-memory tensors), no trainrig,
@@ -105,8 +106,10 @@ def main() -> None:
     n1, n2 = args.images, 2 * args.images
     images, labels = splits.train_images[:n2], splits.train_labels[:n2]
     runs = {
+        # ddp with one process: no DDP wrapper, the single-device step, but in a fresh spawned process like
+        # the other three (a process that has trained before runs faster: kernels and allocator warm)
         "trainrig 1 x 1": lambda tmp: trainrig_images_per_s(tmp, "one", args.warmup, [
-            "strategy=single", f"data.batch_size={args.batch}", f"data.subset={n1}"]),
+            "strategy=ddp", "devices=1", f"data.batch_size={args.batch}", f"data.subset={n1}"]),
         "trainrig DDP 2 x 1": lambda tmp: trainrig_images_per_s(tmp, "two", args.warmup, [
             "strategy=ddp", "devices=2", "backend=gloo", f"data.batch_size={2 * args.batch}", f"data.subset={n2}"]),
         "plain 1 x 1": lambda tmp: plain_images_per_s(1, images[:n1], labels[:n1], args.batch, args.warmup),
