@@ -38,11 +38,12 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """``mmap``: map the file instead of reading it, for a look at its small entries (config, epoch)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None

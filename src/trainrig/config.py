@@ -419,7 +419,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         full = _join(prefix, key)
-        if isinstance(value, dict) and value and full != "tune.search_space":
+        if isinstance(value, dict) and value:
             out.update(_flatten(value, full))
         else:
             out[full] = value
@@ -438,8 +438,7 @@ def resume_config(trained: Config, requested: Config, epochs_done: int) -> Confi
                           f"drop the change or start a new run")
     if requested.epochs < epochs_done:
         raise ConfigError(f"--resume: epochs={requested.epochs} but the run already trained {epochs_done}")
-    free = {k.split(".")[0] for k in RESUME_FREE if "." not in k}
-    top = {k: getattr(requested, k) for k in free}
-    data = {k.split(".")[1]: getattr(requested.data, k.split(".")[1]) for k in RESUME_FREE if k.startswith("data.")}
+    top = {k: getattr(requested, k) for k in RESUME_FREE if "." not in k}
+    data = {k[len("data."):]: getattr(requested.data, k[len("data."):]) for k in RESUME_FREE if k.startswith("data.")}
     return dataclasses.replace(trained, **top, tune=requested.tune,
                                data=dataclasses.replace(trained.data, **data))

@@ -63,9 +63,14 @@ class Run:
 
 # ----------------------------------------------------------------------------- epochs
 
-def _totals(run: Run, loss_sum: Any, correct: Any, seen: int) -> tuple[float, float, int]:
-    """Mean loss, accuracy and sample count over every rank; the one device sync of an epoch."""
-    total_loss, total_correct, total_seen = run.strategy.reduce([float(loss_sum), float(correct), seen])
+def _local(values: Sequence[float]) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _totals(reduce: Callable[[Sequence[float]], list[float]], loss_sum: Any, correct: Any,
+            seen: int) -> tuple[float, float, int]:
+    """Mean loss, accuracy and sample count over every rank; the one device sync of a pass."""
+    total_loss, total_correct, total_seen = reduce([float(loss_sum), float(correct), seen])
     return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
 
 
@@ -76,13 +81,13 @@ def train_epoch(run: Run, batches: Iterable, stepper: Stepper) -> dict[str, floa
         loss = stepper.step(x, y)
         if loss is not None:
             run.hooks.on_train_batch_end(run, step, loss)
-    loss, acc, seen = _totals(run, *stepper.finish())
+    loss, acc, seen = _totals(run.strategy.reduce, *stepper.finish())
     elapsed = time.perf_counter() - start  # _totals waited for the device
     return {"train_loss": loss, "train_acc": acc, "images_per_s": seen / max(elapsed, 1e-9)}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[float]], list[float]] | None = None,
+def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[float]], list[float]] = _local,
              *, precision: str = "32") -> dict[str, float]:
     """Test loss and accuracy over every sample exactly once (summed over ranks by ``reduce``), no autograd
     graph built, under the same autocast as training."""
@@ -100,10 +105,8 @@ def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[flo
         correct = correct + (logits.argmax(1) == y).sum()
         seen += y.shape[0]
     model.train(was_training)
-    reduce = reduce or (lambda values: [float(v) for v in values])
-    total_loss, total_correct, total_seen = reduce([float(loss_sum), float(correct), seen])
-    return {"test_loss": total_loss / max(total_seen, 1), "test_acc": total_correct / max(total_seen, 1),
-            "test_samples": int(total_seen)}
+    loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
+    return {"test_loss": loss, "test_acc": acc, "test_samples": total_seen}
 
 
 def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
@@ -206,7 +209,7 @@ def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, bool]:
     run_dir = Path(cfg.out_dir) / cfg.name
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         raise CheckpointError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
-    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)  # every rank reads it in full later
     trained = config_mod.load(raw=saved["config"])
     return config_mod.resume_config(trained, cfg, int(saved["epoch"])), run_dir, True
 

@@ -130,7 +130,7 @@ def memory_report() -> Iterator[MemoryReport]:
         report.peak = {i: torch.cuda.max_memory_allocated(i) / MiB for i in report.after}
 
 
-# ----------------------------------------------------------------------------- OOM recovery
+# ----------------------------------------------------------------------------- after an OOM
 
 def memory_figures() -> str:
     """One line of the figures that matter after an OOM: per-GPU free/total and peak, or host RAM."""
