@@ -22,6 +22,7 @@ run: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/imagefolder.py
 
 docs: $(STAMP)
 	$(VENV)/bin/trainer config keys --markdown > docs/config.md

@@ -27,7 +27,7 @@ def torchvision_root(tmp: Path) -> Path:
     """torchvision's FashionMNIST wants decompressed files under root/FashionMNIST/raw."""
     raw = tmp / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for path in data.find_fashion_mnist("data", download=False).values():
+    for path in data.idx.find("data", download=False).values():
         payload = path.read_bytes()
         (raw / path.name.removesuffix(".gz")).write_bytes(gzip.decompress(payload) if path.suffix == ".gz" else payload)
     return tmp
@@ -69,7 +69,8 @@ def trainrig_images_per_s(batch: int, steps: int, warmup: int, device: torch.dev
     strategy = SingleStrategy(cfg, DistEnv())
     model = strategy.setup(models.build_model(cfg.model, seed=0)).to(memory_format=torch.channels_last).train()
     strategy.wrap(model)
-    stepper = Stepper(strategy, TrainState.create(cfg, model, len(train), device.type), nn.CrossEntropyLoss(), "32",
+    state = TrainState.create(cfg, model, len(train), device.type, models.layout_of(model, cfg.model))
+    stepper = Stepper(strategy, state, nn.CrossEntropyLoss(), "32",
                       batch, log=print)
 
     def run(n: int) -> float:  # batch cutting, normalisation and the step are all inside the timed loop

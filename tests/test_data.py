@@ -39,26 +39,26 @@ def test_read_idx_rejects_bad_files(tmp_path):
 
 def test_lookup_order_and_verification(tmp_path, fake_fashion, monkeypatch):
     folder, parts = fake_fashion
-    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-system")
+    monkeypatch.setattr(data.idx, "SYSTEM_DIR", tmp_path / "no-system")
     monkeypatch.setenv("TRAINRIG_DATA", str(folder))
-    found = data.find_fashion_mnist(tmp_path / "empty-root", download=False)
+    found = data.idx.find(tmp_path / "empty-root", download=False)
     assert found["train_images"].parent == folder  # root empty -> $TRAINRIG_DATA
-    splits = data.load_fashion_mnist(tmp_path / "empty-root", download=False)
-    assert torch.equal(splits.train_images, parts["train-images-idx3-ubyte"].to(torch.uint8))
-    assert splits.test_labels.tolist() == (torch.arange(32) % 10).tolist()
+    tensors, _ = data.idx.load(tmp_path / "empty-root", download=False)
+    assert torch.equal(tensors["train_images"], parts["train-images-idx3-ubyte"].to(torch.uint8))
+    assert tensors["test_labels"].tolist() == (torch.arange(32) % 10).tolist()
     # data.root wins over $TRAINRIG_DATA, also in torchvision's FashionMNIST/raw layout
     raw = tmp_path / "root" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for f in folder.iterdir():
         (raw / f.name).write_bytes(f.read_bytes())
-    assert data.find_fashion_mnist(tmp_path / "root", download=False)["test_labels"].parent == raw
+    assert data.idx.find(tmp_path / "root", download=False)["test_labels"].parent == raw
 
 
 def test_missing_data_error_lists_places_and_remedies(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "sys")
+    monkeypatch.setattr(data.idx, "SYSTEM_DIR", tmp_path / "sys")
     monkeypatch.setenv("TRAINRIG_DATA", str(tmp_path / "env"))
     with pytest.raises(DataError) as exc:
-        data.find_fashion_mnist(tmp_path / "root", download=False)
+        data.idx.find(tmp_path / "root", download=False)
     msg = str(exc.value)
     for place in ("root", "env", "sys"):
         assert str(tmp_path / place) in msg
@@ -70,19 +70,19 @@ def test_mismatched_counts_rejected(tmp_path, fake_fashion, monkeypatch):
     write_idx(folder / "t10k-labels-idx1-ubyte", torch.zeros(31, dtype=torch.uint8))
     (folder / "t10k-labels-idx1-ubyte.gz").unlink(missing_ok=True)
     with pytest.raises(DataError, match="31 labels for 32 images"):
-        data.load_fashion_mnist(folder, download=False)
+        data.idx.load(folder, download=False)
 
 
 def test_real_fashion_mnist_when_installed():
     """The Debian package (installed by .ci/run) holds the full, balanced dataset."""
-    if data._complete(data.SYSTEM_DIR) is None:
+    if data.idx.complete(data.idx.SYSTEM_DIR) is None:
         pytest.skip("dataset-fashion-mnist not installed (.ci/run installs it)")
-    splits = data.load_fashion_mnist(data.SYSTEM_DIR, download=False)
-    assert splits.train_images.shape == (60000, 28, 28) and splits.test_images.shape == (10000, 28, 28)
+    splits = data.load_splits(DataConfig(root=str(data.idx.SYSTEM_DIR)))
+    assert splits.train_images.shape == (60000, 1, 28, 28) and splits.test_images.shape == (10000, 1, 28, 28)
     assert torch.bincount(splits.train_labels).tolist() == [6000] * 10
     assert torch.bincount(splits.test_labels).tolist() == [1000] * 10
-    mean = splits.train_images.float().div(255).mean().item()
-    assert abs(mean - data.FASHION_MEAN) < 1e-3
+    assert abs(splits.mean[0] - 0.2860) < 1e-3 and abs(splits.std[0] - 0.3530) < 1e-3  # the published values
+    assert splits.classes[0] == "T-shirt/top" and splits.in_memory
 
 
 def _batches(cfg: DataConfig, **kw):
@@ -105,19 +105,19 @@ def test_batches_cover_epoch_once_and_reshuffle():
     assert torch.equal(torch.cat([y for _, y in train]), labels0)  # same epoch -> same order
     _, test64, _ = _batches(cfg, seed=3, dtype=torch.float64)  # normalisation checked in float64
     xt = next(iter(test64))[0]
-    expected = (splits.test_images[:1].double() / 255 - splits.mean) / splits.std
+    expected = (splits.test_images[:1, 0].double() / 255 - splits.mean[0]) / splits.std[0]
     assert xt.dtype == torch.float64 and torch.allclose(xt[0, 0], expected[0], rtol=0, atol=1e-12)
 
 
 def test_flip_and_crop_on_whole_batches():
     imgs = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 4, 4)
-    tf = data.BatchTransform(mean=0.0, std=1.0, normalize=False, flip=True, channels_last=False)
+    tf = data.BatchTransform(mean=(0.0,), std=(1.0,), normalize=False, flip=True, channels_last=False)
     gen = torch.Generator().manual_seed(0)
     out = tf(imgs, torch.device("cpu"), gen) * 255
     for i in range(2):
         row = out[i, 0].round().to(torch.uint8)
         assert torch.equal(row, imgs[i]) or torch.equal(row, imgs[i].flip(-1))
-    crop = data.BatchTransform(mean=0.0, std=1.0, normalize=False, crop_padding=1, channels_last=False)
+    crop = data.BatchTransform(mean=(0.0,), std=(1.0,), normalize=False, crop_padding=1, channels_last=False)
     out = (crop(imgs, torch.device("cpu"), torch.Generator().manual_seed(1)) * 255).round()
     assert out.shape == (2, 1, 4, 4)
     padded = torch.nn.functional.pad(imgs.float(), (1, 1, 1, 1))
@@ -155,8 +155,9 @@ def test_each_rank_augments_with_its_own_stream_and_resume_repeats_it():
     n = 256
     image = torch.zeros(28, 28, dtype=torch.uint8)
     image[:, :7] = 255  # bright left edge
-    splits = data.Splits(image.expand(n, 28, 28).clone(), torch.arange(n) % 10, image[None], torch.zeros(1).long(),
-                         0.0, 1.0, 10)
+    splits = data.Splits(data.TensorSet(image.expand(n, 28, 28).clone(), torch.arange(n) % 10),
+                         data.TensorSet(image[None], torch.zeros(1).long()), tuple("0123456789"), (0.0,), (1.0,),
+                         1, 28, "test images")
     cfg = DataConfig(batch_size=64, flip=True, normalize=False)
 
     def masks(rank: int, epoch: int) -> torch.Tensor:

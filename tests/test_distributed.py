@@ -38,7 +38,7 @@ def _reference(cfg):
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, seed=cfg.seed).double()
     model = model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
-    opt = optim.build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
+    opt = optim.build_optimizer(models.param_groups(model, models.layout_of(model, cfg.model), cfg.model, cfg.optim.lr), cfg.optim)
     shards = [data.build(cfg.data, device=torch.device("cpu"), seed=cfg.seed, rank=r, world=2,
                          dtype=torch.float64)[0] for r in (0, 1)]
     model.train()

@@ -9,6 +9,8 @@ from trainrig.config import ModelConfig
 from trainrig.errors import CheckpointError
 from trainrig.models.surgery import apply_unfrozen, fold_conv_weight, new_conv1, new_head, unfrozen_stages
 
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
+
 
 def test_conv1_and_fc_shapes():
     model = models.build_model(ModelConfig(in_channels=1, num_classes=10), seed=0)
@@ -59,17 +61,20 @@ def test_fold_arithmetic_other_channel_counts():
 
 
 def test_gradual_unfreezing_schedule():
-    assert unfrozen_stages("full", 0) == ("layer4", "layer3", "layer2", "layer1", "stem")
-    assert unfrozen_stages("frozen", 9) == ()
-    got = [unfrozen_stages("gradual", e, unfreeze_every=2) for e in range(0, 12, 2)]
-    assert got == [(), ("layer4",), ("layer4", "layer3"), ("layer4", "layer3", "layer2"),
-                   ("layer4", "layer3", "layer2", "layer1"), ("layer4", "layer3", "layer2", "layer1", "stem")]
-    assert unfrozen_stages("gradual", 1, unfreeze_every=2) == ()
+    cfg = ModelConfig(in_channels=1, num_classes=10)
+    lay = models.layout_of(models.build_model(cfg, seed=0), cfg)
+    assert lay.stage_names == RESNET_STAGES and set(lay.new) == {"conv1", "fc"}
+    assert lay.body == ("layer1", "layer2", "layer3", "layer4")
+    assert unfrozen_stages(lay.stage_names, "full", 0) == RESNET_STAGES
+    assert unfrozen_stages(lay.stage_names, "frozen", 9) == ()
+    got = [unfrozen_stages(lay.stage_names, "gradual", e, unfreeze_every=2) for e in range(0, 12, 2)]
+    assert got == [RESNET_STAGES[:i] for i in range(6)]
+    assert unfrozen_stages(lay.stage_names, "gradual", 1, unfreeze_every=2) == ()
 
 
 def _step(model, stages):
     model.train()
-    apply_unfrozen(model, stages, models.new_layer_names(1))
+    apply_unfrozen(model, models.layout_of(model, ModelConfig(in_channels=1)), stages)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.arange(8) % 10)
     loss.backward()
@@ -79,7 +84,7 @@ def _step(model, stages):
 def test_frozen_backbone_unchanged_after_step():
     model = models.build_model(ModelConfig(in_channels=1, num_classes=10), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _step(model, unfrozen_stages("frozen", 0))
+    _step(model, ())
     after = model.state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"conv1", "fc"}  # weights AND BatchNorm running stats of the backbone stay put
@@ -88,7 +93,7 @@ def test_frozen_backbone_unchanged_after_step():
 def test_gradual_trains_right_stages():
     model = models.build_model(ModelConfig(in_channels=1, num_classes=10), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _step(model, unfrozen_stages("gradual", 2, unfreeze_every=1))
+    _step(model, unfrozen_stages(RESNET_STAGES, "gradual", 2, unfreeze_every=1))
     after = model.state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"conv1", "fc", "layer4", "layer3"}
@@ -125,7 +130,80 @@ def test_bad_weights_file(tmp_path):
 
 
 def test_backbone_lr_groups():
-    model = models.build_model(ModelConfig(backbone_lr_scale=0.1))
-    groups = models.param_groups(model, ModelConfig(backbone_lr_scale=0.1), lr=1.0)
+    cfg = ModelConfig(backbone_lr_scale=0.1)
+    model = models.build_model(cfg)
+    groups = models.param_groups(model, models.layout_of(model, cfg), cfg, lr=1.0)
     assert [g["lr"] for g in groups] == [1.0, 0.1]
+    assert groups[0]["params"] == [model.conv1.weight, model.fc.weight, model.fc.bias]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- any torchvision classifier
+
+FAMILIES = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
+            "regnet_y_400mf", "densenet121"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_family_surgery_shapes_and_a_training_step(arch):
+    """New first conv (1 channel) and head (7 classes) found wherever they sit; one step trains the
+    new layers and, with finetune=frozen, leaves every backbone weight and BatchNorm statistic alone."""
+    cfg = ModelConfig(arch=arch, in_channels=1, num_classes=7)
+    model = models.build_model(cfg, seed=0)
+    conv = model.get_submodule(models.first_conv(model))
+    assert conv.in_channels == 1
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    lay = models.layout_of(model, cfg)
+    assert 3 <= len(lay.stage_names) <= 5 and lay.stage_names[-1] == "stem"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    apply_unfrozen(model, lay, ())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 32, 32)), torch.arange(4) % 7).backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    new = lambda k: any(k.startswith(n + ".") for n in lay.new)  # noqa: E731
+    assert changed and all(new(k) for k in changed), sorted(k for k in changed if not new(k))[:3]
+    assert any(k.startswith(models.head(model)) for k in changed)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_family_fold_keeps_grey_response(arch):
+    """The folded first conv gives a grey image x the whole network's response to RGB (x, x, x): float64."""
+    torch.manual_seed(0)
+    rgb = torchvision.models.get_model(arch).double().eval()
+    grey = models.build_model(ModelConfig(arch=arch, in_channels=3, num_classes=1000), seed=0).double().eval()
+    grey.load_state_dict(rgb.state_dict())
+    path = models.first_conv(grey)
+    models.surgery.put(grey, path, new_conv1(grey.get_submodule(path), 1, "fold"))
+    x = torch.rand(2, 1, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=0, atol=1e-9)
+
+
+def test_gradual_unfreezing_on_mobilenet_stages():
+    cfg = ModelConfig(arch="mobilenet_v2", in_channels=1, num_classes=5)
+    model = models.build_model(cfg, seed=0)
+    lay = models.layout_of(model, cfg)
+    deepest = unfrozen_stages(lay.stage_names, "gradual", 1)
+    model.train()
+    apply_unfrozen(model, lay, deepest)
+    trains = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("features.")}
+    assert trains == {"0"} | {p.split(".")[1] for p in dict(lay.stages)[deepest[0]]}  # new stem conv + deepest
+    assert "18" in trains and "1" not in trains
+
+
+def test_unknown_arch_names_close_matches():
+    from trainrig.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resnet181.*did you mean resnet18"):
+        models.build_model(ModelConfig(arch="resnet181"))
+
+
+def test_timm_model_uses_timms_own_adaptation():
+    timm = pytest.importorskip("timm")
+    cfg = ModelConfig(arch="timm/resnet18", in_channels=1, num_classes=4)
+    model = models.build_model(cfg, seed=0)
+    assert isinstance(model, timm.models.ResNet) and model.conv1.in_channels == 1
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+    assert models.layout_of(model, cfg).stage_names == RESNET_STAGES

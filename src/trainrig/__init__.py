@@ -6,13 +6,19 @@ Notebook use::
     cfg = trainrig.load_config("configs/smoke.yaml", ["epochs=2"])
     result = trainrig.fit(cfg, callbacks=[MyCallback()])
     result.history[-1]["test_acc"]
+
+    # your own network and datasets; then label files with the best checkpoint
+    result = trainrig.fit(cfg, model=my_net, train_data=train_set, test_data=val_set)
+    trainrig.predict(result.run_dir / "checkpoints" / "best.pt", ["photo.png"])
 """
 from .callbacks import Callback
 from .config import Config, load as load_config
 from .errors import ConfigError, DataError, TrainrigError
+from .export import export
+from .inference import Prediction, load_trained, predict
 from .loop import FitResult, evaluate_checkpoint, fit
 from .models import build_model
 
-__all__ = ["Callback", "Config", "ConfigError", "DataError", "FitResult", "TrainrigError", "build_model",
-           "evaluate_checkpoint", "fit", "load_config"]
+__all__ = ["Callback", "Config", "ConfigError", "DataError", "FitResult", "Prediction", "TrainrigError",
+           "build_model", "evaluate_checkpoint", "export", "fit", "load_config", "load_trained", "predict"]
 __version__ = "0.1.0"

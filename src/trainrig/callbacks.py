@@ -10,13 +10,13 @@ Built in (in this order before the user's): progress, metrics.csv, curves.png, c
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import checkpoint, config as config_mod, report
 from .errors import ConfigError
+from .imports import construct, import_object
 from .progress import Progress, ProgressMode, make_progress
 
 
@@ -153,15 +153,8 @@ def from_specs(specs: Sequence[dict]) -> list[Callback]:
         if not isinstance(path, str) or "." not in path or unknown or not isinstance(args, dict):
             raise ConfigError(f"callbacks[{i}]: expected {{class_path: package.module.Class, init_args: {{...}}}}, "
                               f"got {spec!r}")
-        module, _, name = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"callbacks[{i}].class_path: cannot import {path} ({exc})") from None
+        cls = import_object(path, f"callbacks[{i}].class_path")
         if not (isinstance(cls, type) and issubclass(cls, Callback)):
             raise ConfigError(f"callbacks[{i}].class_path: {path} is not a trainrig.callbacks.Callback")
-        try:
-            out.append(cls(**args))
-        except TypeError as exc:
-            raise ConfigError(f"callbacks[{i}].init_args: {exc}") from None
+        out.append(construct(cls, args, f"callbacks[{i}].init_args"))
     return out

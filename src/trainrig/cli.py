@@ -114,17 +114,52 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoin
 @app.command("data")
 @user_errors
 def data_cmd(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) -> None:
-    """Make sure the configured dataset is available, and say where it was found."""
+    """Read the configured dataset once (downloading it if missing and online) and describe it."""
     from . import data
 
     cfg = _load(config, set_)
-    if cfg.data.name != "fashion_mnist":
-        out.print(f"data.name={cfg.data.name}: nothing to fetch")
-        return
-    found = data.find_fashion_mnist(cfg.data.root)
-    splits = data.load_fashion_mnist(cfg.data.root)
-    out.print(f"FashionMNIST in {found['train_images'].parent}: {len(splits.train_labels)} train, "
-              f"{len(splits.test_labels)} test images")
+    splits = data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels,
+                              pretrained=cfg.model.weights == "imagenet")
+    out.print(escape(splits.description), highlight=False, soft_wrap=True)
+    out.print(f"classes: {', '.join(splits.classes[:20])}{' ...' if len(splits.classes) > 20 else ''}",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
+            checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
+            top_k: int = typer.Option(3, "--top-k", min=1, help="Classes shown per image."),
+            out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions to this CSV.")
+            ) -> None:
+    """Label images with a trained model; preprocessing comes from the checkpoint."""
+    from .inference import predict as run_predict, write_csv
+
+    preds = run_predict(checkpoint, paths, top_k=top_k)
+    table = Table(title=f"{len(preds)} images, {checkpoint}")
+    table.add_column("image", overflow="fold")
+    for i in range(1, max((len(p.classes) for p in preds), default=0) + 1):
+        table.add_column(f"top {i}", justify="left")
+    for p in preds:
+        table.add_row(escape(p.path), *(f"{escape(c)} {100 * pr:.1f}%" for c, pr in zip(p.classes, p.probabilities)))
+    out.print(table)
+    if out_csv is not None:
+        write_csv(preds, out_csv)
+        out.print(f"wrote {out_csv}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
+               fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | pt2 (torch.export) | safetensors"),
+               out_path: Optional[Path] = typer.Option(None, "--out", help="Output file (default: RUN/export/)."),
+               force: bool = typer.Option(False, "--force", help="Replace an existing export.")) -> None:
+    """Export a trained model; its preprocessing and class names go to a .json beside it."""
+    from .export import export
+
+    res = export(checkpoint, fmt, out_path, force=force)
+    out.print(f"wrote {res.path} and {res.sidecar}; outputs match the checkpoint's to {res.max_abs_diff:.2e} "
+              f"(logits up to {res.max_abs_logit:.2f})")
 
 
 @app.command()

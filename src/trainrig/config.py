@@ -30,9 +30,17 @@ def opt(default: Any, help: str, *, min: float | None = None, max: float | None 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["fashion_mnist", "synthetic"] = opt(
-        "fashion_mnist", "Dataset: real FashionMNIST (IDX files) or a small synthetic set with a learnable signal.")
-    root: str = opt("data", "Folder searched first for the IDX files; torchvision's download lands here.")
+    name: Literal["fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = opt(
+        "fashion_mnist", "Dataset, read from data.root in its own file format: the MNIST family (IDX files), "
+        "CIFAR (python or binary version), imagefolder (your images, one folder per class) or synthetic.")
+    root: str = opt("data", "Where the dataset lives. imagefolder: root/train/<class>/* + root/val/<class>/* "
+                    "(or test/), or root/<class>/* split by val_fraction. Others: their files (torchvision's "
+                    "download lands here when they are missing and the network is there).")
+    val_fraction: float = opt(0.1, "imagefolder without train/ and val/: fraction of each class held out for "
+                              "validation (seeded by seed, stratified).", min=0.0, max=0.9)
+    image_size: Union[int, None] = opt(
+        None, "Images are resized (shorter side, then a centre square crop) to this side; null = the dataset's "
+        "own size (imagefolder: the first training image's shorter side). Filled in the run's config.", min=8)
     batch_size: Union[int, Literal["auto"]] = opt(
         128, "Training batch size (the global batch once several processes train); auto = the largest that "
         "fits, found by real training steps, less auto_batch_margin.", min=1)
@@ -43,29 +51,50 @@ class DataConfig:
         None, "Train on the first N training images only (quick runs); null = all.", min=1)
     test_subset: Union[int, None] = opt(
         None, "Evaluate on the first N test images only; null = all.", min=1)
-    normalize: bool = opt(True, "Subtract the dataset mean and divide by its std (done on whole batches).")
+    normalize: bool = opt(True, "Subtract the per-channel mean and divide by the std (on whole batches).")
+    mean: Union[list[float], None] = opt(
+        None, "Per-channel mean of the [0, 1] pixels; null = computed from the training set (ImageNet's with "
+        "model.weights: imagenet). Filled in the run's config.")
+    std: Union[list[float], None] = opt(None, "Per-channel std, like data.mean.")
+    classes: Union[list[str], None] = opt(
+        None, "Class names, index = label; null = the dataset's (imagefolder: folder names). Filled in the run's "
+        "config; trainer predict prints them.")
     flip: bool = opt(False, "Random horizontal flip of training batches.")
     crop_padding: int = opt(0, "Random crop after zero-padding by this many pixels (0 = off).", min=0)
-    loader: Literal["memory", "dataloader"] = opt(
-        "memory", "memory: batches cut from in-memory tensors (fast); dataloader: torch.utils.data.DataLoader.")
-    num_workers: int = opt(0, "DataLoader worker processes (loader: dataloader only).", min=0)
-    pin_memory: bool = opt(False, "Pin host memory for faster copies to CUDA (loader: dataloader only).")
+    loader: Literal["auto", "memory", "dataloader"] = opt(
+        "auto", "auto: decode once into memory when it fits data.cache_mb, else a DataLoader decodes per batch; "
+        "memory / dataloader: force one. The run's first line says which was taken.")
+    cache_mb: Union[int, None] = opt(
+        None, "Most MiB of decoded images kept in memory (train + test); null = half the available RAM divided "
+        "by the processes on this machine.", min=0)
+    num_workers: Union[int, None] = opt(
+        None, "DataLoader worker processes; null = none for in-memory tensors, else this process's cores (<= 4).",
+        min=0)
+    pin_memory: bool = opt(False, "Pin host memory for faster copies to CUDA (DataLoader path only).")
     synthetic_train: int = opt(2048, "Number of synthetic training images.", min=1)
     synthetic_test: int = opt(512, "Number of synthetic test images.", min=1)
-    image_size: int = opt(28, "Side of the synthetic images in pixels (FashionMNIST is always 28).", min=8)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18", "resnet50"] = opt("resnet18", "torchvision architecture.")
+    arch: str = opt("resnet18", "Any torchvision classification model (torchvision.models.list_models), or "
+                    "timm/<name> with timm installed (pip install 'trainrig[timm]').")
+    class_path: Union[str, None] = opt(
+        None, "Your own network instead of arch: package.module.Class, built with init_args; it takes "
+        "(N, C, H, W) images and returns (N, num_classes) logits.")
+    init_args: dict = opt({}, "Keyword arguments for class_path.")
     weights: Union[str, None] = opt(
-        None, "null (random init) | imagenet (torchvision weight enum) | path to a state_dict file.")
-    in_channels: int = opt(1, "Input channels; a value other than 3 replaces conv1.", min=1)
-    num_classes: int = opt(10, "Output classes; a new fc layer is built for them.", min=2)
+        None, "null (random init) | imagenet (torchvision's / timm's pretrained weights) | path to a state_dict file.")
+    in_channels: Union[int, None] = opt(
+        None, "Input channels (images are converted: RGB->grey or grey repeated); null = the dataset's. Another "
+        "count than the network's replaces its first convolution.", min=1)
+    num_classes: Union[int, None] = opt(
+        None, "Output classes (a new classifier head is built); null = the dataset's number of classes.", min=2)
     conv1_init: Literal["xavier", "fold"] = opt(
-        "xavier", "New conv1 init: xavier (source notes) or fold (sum pretrained RGB kernels, keeps features).")
+        "xavier", "New first conv init: xavier (source notes) or fold (sum pretrained RGB kernels, keeps features).")
     finetune: Literal["full", "frozen", "gradual"] = opt(
-        "full", "full: train everything; frozen: only new conv1/fc; gradual: unfreeze layer4, layer3, ... over time.")
+        "full", "full: train everything; frozen: only the new first conv and the head; gradual: unfreeze the "
+        "backbone's stages, deepest first, one every unfreeze_every epochs.")
     unfreeze_every: int = opt(1, "gradual: epochs between unfreezing the next backbone stage.", min=1)
     backbone_lr_scale: float = opt(
         1.0, "Learning-rate multiplier for pretrained backbone parameters (new layers use optim.lr).", min=0.0)
@@ -142,9 +171,11 @@ class Config:
         "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory | "
         "64-true (float64 weights and inputs: slow, for checking that two ways of computing agree).")
     grad_checkpointing: bool = opt(
-        False, "Recompute ResNet stage activations in backward instead of storing them: less memory, more time.")
+        False, "Recompute each backbone block's activations in backward instead of storing them: less memory, "
+        "more time.")
     strategy: Literal["single", "dp", "ddp", "model_parallel"] = opt(
-        "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | model_parallel (stages).")
+        "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | model_parallel "
+        "(stages; torchvision ResNets).")
     devices: Union[int, Literal["auto"], list[str]] = opt(
         "auto", "auto | N | [list]. ddp: processes (auto = every local GPU, else 2 CPU processes); dp: GPUs; "
         "model_parallel: one device per stage, e.g. [cuda:0, cuda:1] or [cpu, cpu].")
@@ -408,37 +439,3 @@ def to_dict(cfg: Any) -> dict:
 def dump(cfg: Config) -> str:
     """The fully resolved config as YAML; loading this text alone reproduces the run."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-# Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
-RESUME_FREE = ("name", "out_dir", "epochs", "device", "threads", "dist_timeout_s", "callbacks", "data.root",
-               "data.num_workers", "data.pin_memory", "data.eval_batch_size")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        full = _join(prefix, key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, full))
-        else:
-            out[full] = value
-    return out
-
-
-def resume_config(trained: Config, requested: Config, epochs_done: int) -> Config:
-    """The config a resumed run continues with: the one it was trained with, plus the requested values of
-    the keys in RESUME_FREE. Any other difference would silently train another recipe: refused, naming keys."""
-    old, new = _flatten(to_dict(trained)), _flatten(to_dict(requested))
-    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith("tune.")
-               and not (k == "data.batch_size" and new.get(k) == "auto")]
-    if changed:
-        shown = ", ".join(f"{k}={new.get(k)!r} (trained with {old[k]!r})" for k in changed)
-        raise ConfigError(f"--resume: {shown}; a resumed run keeps its recipe (only epochs may grow): "
-                          f"drop the change or start a new run")
-    if requested.epochs < epochs_done:
-        raise ConfigError(f"--resume: epochs={requested.epochs} but the run already trained {epochs_done}")
-    top = {k: getattr(requested, k) for k in RESUME_FREE if "." not in k}
-    data = {k[len("data."):]: getattr(requested.data, k[len("data."):]) for k in RESUME_FREE if k.startswith("data.")}
-    return dataclasses.replace(trained, **top, tune=requested.tune,
-                               data=dataclasses.replace(trained.data, **data))

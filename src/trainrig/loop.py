@@ -24,9 +24,10 @@ from .errors import CheckpointError, ConfigError, TrainrigError
 from .launch import launch
 from .optim import build_optimizer
 from .progress import Progress, ProgressMode
+from .resume import resume_config
 from .state import TrainState
 from .step import Stepper, autocast, full_precision
-from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy, resolve_device
+from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Run:
     train: Any = None  # this rank's training batches
     test: Any = None
     trainable: tuple[str, ...] | None = None  # backbone stages the wrapped model trains
+    layout: models.Layout | None = None  # new layers and backbone stages of the model
 
     def log(self, text: str) -> None:
         self.hooks.on_message(self, text)
@@ -113,8 +115,8 @@ def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
     """Unfreeze what this epoch trains, train, synchronise BatchNorm statistics, evaluate."""
     started, cfg = time.perf_counter(), run.cfg
     run.model.train()
-    stages = models.unfrozen_stages(cfg.model.finetune, epoch, cfg.model.unfreeze_every)
-    models.apply_unfrozen(run.model, stages, models.new_layer_names(cfg.model.in_channels))
+    stages = models.unfrozen_stages(run.layout.stage_names, cfg.model.finetune, epoch, cfg.model.unfreeze_every)
+    models.apply_unfrozen(run.model, run.layout, stages)
     if stages != run.trainable:  # DDP registers the trainable parameters when it wraps
         run.trainable = stages
         run.strategy.wrap(run.model)
@@ -131,20 +133,37 @@ def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- fit
 
-def fit(cfg: Config, *, resume: bool = False, progress: ProgressMode | Progress = "auto",
+@dataclass(frozen=True)
+class UserParts:
+    """The caller's own network and datasets (``fit(cfg, model=..., train_data=..., test_data=...)``)."""
+
+    model: nn.Module | None = None
+    train_data: Any = None
+    test_data: Any = None
+
+
+def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, test_data: Any = None,
+        resume: bool = False, progress: ProgressMode | Progress = "auto",
         callbacks: Sequence[Callback] = ()) -> FitResult | None:
     """Train ``cfg`` from scratch (or from its last checkpoint with ``resume``) and return the metrics.
 
+    ``model`` replaces the configured network (trained as given, no surgery); ``train_data``/``test_data``
+    (map-style Datasets of (image, label), or DataLoaders over them) replace data.name. Under spawned DDP
+    they are pickled into every process: define their classes in an importable module, not in __main__.
     The built-in callbacks (progress, metrics.csv, curves.png, checkpoints) run first, then those named in
     ``cfg.callbacks``, then ``callbacks``. Returns rank 0's result (None on other ranks under torchrun).
     """
+    if (train_data is None) != (test_data is None):
+        raise ConfigError("fit: give both train_data and test_data, or neither")
     everything = [*cb.builtin(progress), *cb.from_specs(cfg.callbacks), *callbacks]
-    return launch(cfg, functools.partial(_fit_worker, cfg, resume), everything)
+    parts = UserParts(model, train_data, test_data)
+    return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything)
 
 
-def _fit_worker(cfg: Config, resume: bool, env: DistEnv, callbacks: Sequence[Callback]) -> FitResult | None:
+def _fit_worker(cfg: Config, resume: bool, parts: UserParts, env: DistEnv,
+                callbacks: Sequence[Callback]) -> FitResult | None:
     started = time.perf_counter()
-    run = _setup(cfg, resume, env, callbacks)
+    run = _setup(cfg, resume, parts, env, callbacks)
     state, strategy = run.state, run.strategy
     stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing),
                       run.cfg.precision, run.train.batch_size, run.log)
@@ -172,7 +191,7 @@ def _dtype(cfg: Config) -> torch.dtype:
     return torch.float64 if cfg.precision == "64-true" else torch.float32
 
 
-def _setup(cfg: Config, resume: bool, env: DistEnv, callbacks: Sequence[Callback]) -> Run:
+def _setup(cfg: Config, resume: bool, parts: UserParts, env: DistEnv, callbacks: Sequence[Callback]) -> Run:
     """Strategy, run folder (rank 0 decides), data, model, batches, TrainState (restored with ``resume``)."""
     strategy = make_strategy(cfg, env)
     torch.set_num_threads(default_threads(cfg, env.local_world_size))
@@ -181,28 +200,41 @@ def _setup(cfg: Config, resume: bool, env: DistEnv, callbacks: Sequence[Callback
     cfg, run_dir, resumed = _main_decides(strategy, lambda: _run_dir(cfg, resume))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    splits = data.load_splits(cfg.data, cfg.seed)
+    splits = _load_data(cfg, parts, env)
+    cfg = data.resolve(cfg, splits)
     _preflight(cfg, splits)
-    run = Run(cfg, run_dir, strategy, strategy.setup(_build_model(cfg)), Hooks(callbacks, env.is_main), splits)
+    model = _build_model(cfg, parts.model)
+    if parts.model is not None:  # recorded so that predict/export can rebuild it (if it needs no arguments)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, class_path=f"{type(parts.model).__module__}.{type(parts.model).__qualname__}"))
+    run = Run(cfg, run_dir, strategy, strategy.setup(model), Hooks(callbacks, env.is_main), splits,
+              layout=models.layout_of(model, cfg.model))
     run.hooks.on_fit_start(run)
+    run.log(f"data: {splits.description}")  # the run's first line: which data path was taken
     if cfg.data.batch_size == "auto":
         run.cfg = cfg = _auto_batch_size(run)
     run.train, run.test, _ = data.build(cfg.data, device=strategy.device, seed=cfg.seed, rank=env.rank,
                                         world=env.world_size, channels_last=cfg.model.channels_last,
-                                        dtype=_dtype(cfg), splits=splits)
-    run.state = TrainState.create(cfg, run.model, len(run.train), strategy.device.type)
+                                        dtype=_dtype(cfg), splits=splits, local_world=env.local_world_size)
+    run.state = TrainState.create(cfg, run.model, len(run.train), strategy.device.type, run.layout)
     if resumed:
         run.state.load_state_dict(checkpoint.load(run_dir / "checkpoints" / "last.pt"))
     if env.is_main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
     run.log(f"run folder: {run_dir}{f' (resumed after epoch {run.state.epoch})' if resumed else ''}  strategy: "
-            f"{strategy.describe()}  train/test images: {len(splits.train_labels)}/{len(splits.test_labels)}")
+            f"{strategy.describe()}")
     return run
+
+
+def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
+    source = data.user_source(parts.train_data, parts.test_data) if parts.train_data is not None else None
+    return data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels, local_world=env.local_world_size,
+                            pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
 
 
 def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, bool]:
     """A new run folder, or with ``resume`` the existing one and the config it was trained with (only
-    ``epochs`` and keys that do not change the result may differ: config.resume_config)."""
+    ``epochs`` and keys that do not change the result may differ: resume.resume_config)."""
     if not resume:
         run_dir = report.new_run_dir(cfg.out_dir, cfg.name)
         return dataclasses.replace(cfg, name=run_dir.name), run_dir, False
@@ -211,7 +243,7 @@ def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, bool]:
         raise CheckpointError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)  # every rank reads it in full later
     trained = config_mod.load(raw=saved["config"])
-    return config_mod.resume_config(trained, cfg, int(saved["epoch"])), run_dir, True
+    return resume_config(trained, cfg, int(saved["epoch"])), run_dir, True
 
 
 def _main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:
@@ -228,23 +260,42 @@ def _main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:
     return value
 
 
-def _build_model(cfg: Config) -> nn.Module:
-    model = models.build_model(cfg.model, seed=cfg.seed).to(_dtype(cfg))
+def _build_model(cfg: Config, given: nn.Module | None = None) -> nn.Module:
+    model = given if given is not None else models.build_model(cfg.model, seed=cfg.seed)
+    if given is not None or cfg.model.class_path:
+        _check_output(model, cfg)
+    model = model.to(_dtype(cfg))
     if cfg.grad_checkpointing:
-        models.enable_grad_checkpointing(model)
+        models.enable_grad_checkpointing(model, models.layout_of(model, cfg.model).body)
     return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
+
+
+def _check_output(model: nn.Module, cfg: Config) -> None:
+    """A network of the user's must map (N, C, H, W) images to (N, num_classes) logits: say so before training."""
+    size, c, n = cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, c, size, size, device=next(model.parameters()).device))
+    except Exception as exc:
+        raise ConfigError(f"model: {type(model).__name__} fails on a (2, {c}, {size}, {size}) batch: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model: {type(model).__name__} returns {shape} for a (2, {c}, {size}, {size}) batch; "
+                          f"expected logits of shape (2, {n}) (model.num_classes={n})")
 
 
 def _preflight(cfg: Config, splits: data.Splits) -> None:
     """Checks on the host before the first step: on a GPU these fail later as a device-side assert."""
-    labels = torch.cat([splits.train_labels, splits.test_labels])
+    found = [t for t in (getattr(splits.train, "labels", None), getattr(splits.test, "labels", None))
+             if t is not None and t.numel()]
+    labels = torch.cat([t.flatten().long() for t in found]) if found else torch.zeros(0)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.model.num_classes):
         raise ConfigError(f"labels go up to {int(labels.max())} but model.num_classes={cfg.model.num_classes}: "
                           f"labels must lie in [0, model.num_classes)")
-    channels = 1 if splits.train_images.ndim == 3 else int(splits.train_images.shape[1])
-    if channels != cfg.model.in_channels:
-        raise ConfigError(f"model.in_channels={cfg.model.in_channels} but the images have {channels} channel"
-                          f"{'s' if channels != 1 else ''}; set model.in_channels={channels}")
 
 
 def _auto_batch_size(run: Run) -> Config:
@@ -255,9 +306,11 @@ def _auto_batch_size(run: Run) -> Config:
     loss_fn = nn.CrossEntropyLoss()
     model.train()
 
+    train_tf, _ = data.transforms(cfg.data, splits.mean, splits.std, cfg.model.channels_last, _dtype(cfg))
+
     def try_step(size: int) -> None:
-        optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
-        x, y = data.sample_batch(splits, size, strategy.device, cfg.model.channels_last, _dtype(cfg))
+        optimizer = build_optimizer(models.param_groups(model, run.layout, cfg.model, cfg.optim.lr), cfg.optim)
+        x, y = data.sample_batch(splits.train, size, train_tf, strategy.device)
         with autocast(strategy.device.type, cfg.precision):
             logits = model(x)
         loss_fn(full_precision(logits), y.to(logits.device)).backward()
@@ -266,7 +319,7 @@ def _auto_batch_size(run: Run) -> Config:
 
     world = strategy.env.world_size
     try:
-        per_rank = memory.find_batch_size(try_step, limit=max(2, len(splits.train_labels) // world),
+        per_rank = memory.find_batch_size(try_step, limit=max(2, len(splits.train) // world),
                                           margin=cfg.data.auto_batch_margin, log=run.log)
     finally:
         model.load_state_dict(snapshot)
@@ -274,19 +327,15 @@ def _auto_batch_size(run: Run) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank * world))
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                        model: nn.Module | None = None) -> dict[str, float]:
     """Rebuild the model stored in a checkpoint and evaluate it on its config's test set."""
-    state = checkpoint.load(path)
-    if "config" not in state or "model" not in state:
-        raise CheckpointError(f"{path}: not a trainrig checkpoint (needs 'config' and 'model')")
-    cfg = config_mod.load(raw=state["config"], overrides=overrides)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
-    device = resolve_device(cfg.device)
+    from .inference import load_trained
+
+    trained = load_trained(path, overrides, model=model)
+    cfg = trained.cfg
     torch.set_num_threads(default_threads(cfg, 1))
-    _, test_batches, _ = data.build(cfg.data, device=device, seed=cfg.seed, channels_last=cfg.model.channels_last,
-                                    dtype=_dtype(cfg))
-    model = models.build_model(cfg.model).to(device, _dtype(cfg))
-    model.load_state_dict(models.strip_prefixes(state["model"]))
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return {"epoch": int(state.get("epoch", 0)), **evaluate(model, test_batches, precision=cfg.precision)}
+    _, test_batches, _ = data.build(cfg.data, device=trained.device, seed=cfg.seed,
+                                    channels_last=cfg.model.channels_last, dtype=_dtype(cfg),
+                                    splits=data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels))
+    return {"epoch": trained.epoch, **evaluate(trained.model, test_batches, precision=cfg.precision)}

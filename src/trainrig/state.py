@@ -44,8 +44,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, cfg: Config, model: nn.Module, steps_per_epoch: int, device_type: str) -> "TrainState":
-        optimizer = build_optimizer(models.param_groups(model, cfg.model, cfg.optim.lr), cfg.optim)
+    def create(cls, cfg: Config, model: nn.Module, steps_per_epoch: int, device_type: str,
+               layout: models.Layout) -> "TrainState":
+        optimizer = build_optimizer(models.param_groups(model, layout, cfg.model, cfg.optim.lr), cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor_fn(cfg.sched, cfg.epochs, max(1, steps_per_epoch)))
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "16-mixed")

@@ -163,8 +163,14 @@ class ModelParallelStrategy(SingleStrategy):
         return f"{self.name} x1  devices: {', '.join(map(str, self.stage_devices))}"
 
     def setup(self, model: nn.Module) -> nn.Module:
+        import torchvision
+
         from .models.parallel import StagedResNet
 
+        if not isinstance(model, torchvision.models.ResNet):
+            raise ConfigError(f"strategy=model_parallel splits torchvision ResNets (model.arch resnet*, resnext*, "
+                              f"wide_resnet*); {type(model).__name__} ({self.cfg.model.class_path or self.cfg.model.arch}) "
+                              f"is not one: use strategy single, dp or ddp")
         try:
             return StagedResNet(model, self.cfg.split_at, self.stage_devices, self.cfg.split_size)
         except ValueError as exc:

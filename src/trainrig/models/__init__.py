@@ -1,10 +1,13 @@
 """Build and adapt networks (never train them).
 
-``build_model(cfg.model)`` returns a torchvision ResNet with pretrained or random weights, a new ``conv1``
-for ``in_channels`` inputs and a new ``fc`` for ``num_classes`` outputs.
+``build_model(cfg.model)`` returns any torchvision classifier (``arch``), a timm model (``timm/<name>``) or
+the user's own class (``class_path``), with pretrained or random weights. torchvision models get the
+surgery the source notes do for ResNet18: a new first convolution for ``in_channels`` inputs and a new
+classifier head for ``num_classes`` outputs, wherever those layers sit in the network.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -12,15 +15,23 @@ import torchvision
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
-from .surgery import (BACKBONE_STAGES, apply_unfrozen, fold_conv_weight, new_conv1, new_head,
-                      new_layer_names, unfrozen_stages)
+from ..errors import CheckpointError, ConfigError
+from ..imports import construct, import_object
+from . import surgery
+from .surgery import (Layout, apply_unfrozen, first_conv, fold_conv_weight, head, new_conv1, new_head, layout,
+                      unfrozen_stages)
 
-__all__ = ["build_model", "enable_grad_checkpointing", "load_state_dict_file", "param_groups", "apply_unfrozen", "unfrozen_stages",
-           "new_layer_names", "fold_conv_weight", "new_conv1", "new_head", "BACKBONE_STAGES"]
+__all__ = ["Layout", "build_model", "enable_grad_checkpointing", "load_state_dict_file", "param_groups",
+           "apply_unfrozen", "unfrozen_stages", "layout_of", "fold_conv_weight", "new_conv1", "new_head",
+           "first_conv", "head", "strip_prefixes", "torchvision_archs"]
 
-_ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
 _PREFIXES = ("module.", "_orig_mod.")
+_ARCH_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "init_weights": True}}  # plain logits, no aux outputs
+
+
+def torchvision_archs() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -38,12 +49,18 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict (or a trainrig checkpoint holding one under ``model``) with weights_only=True."""
+    """Read a state_dict (or a trainrig checkpoint holding one under ``model``) with weights_only=True;
+    ``.safetensors`` files too (as ``trainer export`` writes them)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.weights: file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -65,9 +82,12 @@ def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
 
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor], source: str, skip: tuple[str, ...] = ()) -> None:
-    state = {k: v for k, v in state.items() if k.split(".")[0] not in skip}
+    def skipped(key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in skip)
+
+    state = {k: v for k, v in state.items() if not skipped(k)}
     own = model.state_dict()
-    missing = [k for k in own if k not in state and k.split(".")[0] not in skip]
+    missing = [k for k in own if k not in state and not skipped(k)]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
@@ -79,66 +99,129 @@ def _load(model: nn.Module, state: dict[str, torch.Tensor], source: str, skip: t
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
-    """The configured ResNet: pretrained weights (if any), then the conv1/fc surgery.
-
-    A weights file may hold either the original network (3-channel conv1, any fc) - it is loaded before the
-    surgery - or an already adapted one (as trainrig saves it) - it is loaded after, so it round-trips.
-    """
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    """The configured network with its weights. ``in_channels``/``num_classes`` null mean 1 and 10 here (the
+    run fills them from the data first)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = _ARCHS[cfg.arch]()
+    if cfg.class_path:
+        return _user_model(cfg)
+    if cfg.arch.startswith("timm/"):
+        return _timm_model(cfg)
+    return _torchvision_model(cfg, torch.Generator().manual_seed(seed) if seed is not None else None)
+
+
+def _channels_classes(cfg: ModelConfig) -> tuple[int, int]:
+    return cfg.in_channels or 1, cfg.num_classes or 10
+
+
+def _torchvision_model(cfg: ModelConfig, gen: torch.Generator | None) -> nn.Module:
+    """Pretrained weights (if any), then the first-conv / head surgery.
+
+    A weights file may hold either the original network (3-channel stem, any head) - it is loaded before the
+    surgery - or an already adapted one (as trainrig saves it) - it is loaded after, so it round-trips.
+    """
+    archs = torchvision_archs()
+    if cfg.arch not in archs:
+        close = difflib.get_close_matches(cfg.arch, archs, n=3)
+        raise ConfigError(f"model.arch={cfg.arch!r} is not a torchvision classification model"
+                          f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (list: "
+                          f"torchvision.models.list_models(module=torchvision.models); timm models: timm/<name>)")
+    in_channels, num_classes = _channels_classes(cfg)
+    model = torchvision.models.get_model(cfg.arch, **_ARCH_KWARGS.get(cfg.arch, {}))
+    conv_path, head_path = first_conv(model), head(model)
     state, source = None, ""
     if cfg.weights == "imagenet":
         state, source = _imagenet_state(cfg.arch), "imagenet weights"
     elif cfg.weights:
         state, source = load_state_dict_file(cfg.weights), str(cfg.weights)
-    adapted_shapes = state is not None and _is_adapted(state, cfg)
-    if state is not None and not adapted_shapes:
-        fc_fits = state.get("fc.weight") is not None and state["fc.weight"].shape == model.fc.weight.shape
-        _load(model, state, source, skip=() if fc_fits else ("fc",))
-    if cfg.in_channels != model.conv1.in_channels:
-        model.conv1 = new_conv1(model.conv1, cfg.in_channels, cfg.conv1_init, gen)
-    model.fc = new_head(model.fc.in_features, cfg.num_classes, gen)
-    if adapted_shapes:
+    adapted = state is not None and _is_adapted(state, conv_path, head_path, in_channels, num_classes)
+    if state is not None and not adapted:
+        head_w = state.get(f"{head_path}.weight")
+        fits = head_w is not None and head_w.shape == surgery.get(model, head_path).weight.shape
+        _load(model, state, source, skip=() if fits else (head_path,))
+    if conv_path and in_channels != surgery.get(model, conv_path).in_channels:
+        surgery.put(model, conv_path, new_conv1(surgery.get(model, conv_path), in_channels, cfg.conv1_init, gen))
+    surgery.put(model, head_path, surgery.replace_head(surgery.get(model, head_path), num_classes, gen))
+    if adapted:
         _load(model, state, source)
     return model
 
 
-def _is_adapted(state: dict[str, torch.Tensor], cfg: ModelConfig) -> bool:
-    conv, fc = state.get("conv1.weight"), state.get("fc.weight")
-    return (conv is not None and fc is not None and conv.shape[1] == cfg.in_channels
-            and fc.shape[0] == cfg.num_classes and (cfg.in_channels != 3 or cfg.num_classes != 1000))
+def _is_adapted(state: dict[str, torch.Tensor], conv_path: str | None, head_path: str | None, in_channels: int,
+                num_classes: int) -> bool:
+    conv, fc = state.get(f"{conv_path}.weight"), state.get(f"{head_path}.weight")
+    return (conv is not None and fc is not None and conv.shape[1] == in_channels
+            and fc.shape[0] == num_classes and (in_channels != 3 or num_classes != 1000))
 
 
-def param_groups(model: nn.Module, cfg: ModelConfig, lr: float) -> list[dict]:
+def _timm_model(cfg: ModelConfig) -> nn.Module:
+    """timm's own adaptation: ``in_chans`` (its adapt_input_conv) and ``num_classes`` (a new head)."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.arch={cfg.arch}: timm is not installed (pip install 'trainrig[timm]')") from None
+    name = cfg.arch.removeprefix("timm/")
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"model.arch={cfg.arch!r}: timm has no model {name!r}"
+                          f"{'; did you mean ' + ', '.join('timm/' + c for c in close) + '?' if close else ''}")
+    in_channels, num_classes = _channels_classes(cfg)
+    try:
+        model = timm.create_model(name, pretrained=cfg.weights == "imagenet", in_chans=in_channels,
+                                  num_classes=num_classes)
+    except Exception as exc:  # hub download errors come in many types
+        raise CheckpointError(f"model.arch={cfg.arch}: timm could not build it with model.weights={cfg.weights} "
+                              f"({type(exc).__name__}: {exc})") from None
+    if cfg.weights not in (None, "imagenet"):
+        _load(model, load_state_dict_file(cfg.weights), str(cfg.weights))
+    return model
+
+
+def _user_model(cfg: ModelConfig) -> nn.Module:
+    cls = import_object(cfg.class_path, "model.class_path")
+    model = construct(cls, dict(cfg.init_args), "model.init_args")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.class_path: {cfg.class_path} built a {type(model).__name__}, not a torch nn.Module")
+    if cfg.weights == "imagenet":
+        raise ConfigError("model.weights=imagenet needs model.arch; for model.class_path give a state_dict path")
+    if cfg.weights:
+        _load(model, load_state_dict_file(cfg.weights), str(cfg.weights))
+    return model
+
+
+def layout_of(model: nn.Module, cfg: ModelConfig) -> Layout:
+    """Fine-tuning stages of the built model; the first conv counts as new when the surgery replaced it."""
+    rebuilt = not cfg.class_path and not cfg.arch.startswith("timm/") and (cfg.in_channels or 1) != 3
+    return layout(model, new_conv=rebuilt)
+
+
+def param_groups(model: nn.Module, lay: Layout, cfg: ModelConfig, lr: float) -> list[dict]:
     """Optimizer groups: new layers at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``."""
-    new = new_layer_names(cfg.in_channels)
-    head = [p for name, p in model.named_parameters() if name.split(".")[0] in new]
-    body = [p for name, p in model.named_parameters() if name.split(".")[0] not in new]
+    named = list(model.named_parameters())
     if cfg.backbone_lr_scale == 1.0:
-        return [{"params": head + body, "lr": lr, "name": "all"}]
-    return [{"params": head, "lr": lr, "name": "new"},
+        return [{"params": [p for _, p in named], "lr": lr, "name": "all"}]
+    new = [p for name, p in named if surgery.is_new(lay, name)]
+    body = [p for name, p in named if not surgery.is_new(lay, name)]
+    return [{"params": new, "lr": lr, "name": "new"},
             {"params": body, "lr": lr * cfg.backbone_lr_scale, "name": "backbone"}]
 
 
-def enable_grad_checkpointing(model: nn.Module, stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
-                              ) -> nn.Module:
-    """Recompute each ResNet stage's activations during backward instead of keeping them (an OOM remedy).
+def enable_grad_checkpointing(model: nn.Module, blocks: tuple[str, ...]) -> nn.Module:
+    """Recompute each backbone block's activations during backward instead of keeping them (an OOM remedy).
 
-    Only the stages' ``forward`` is wrapped, so parameter names - and checkpoints - stay those of the plain
+    Only the blocks' ``forward`` is wrapped, so parameter names - and checkpoints - stay those of the plain
     model. In train mode BatchNorm's running statistics see the recomputed forward too (updated twice per
     step); the gradients are unchanged.
     """
     from torch.utils.checkpoint import checkpoint
 
-    for name in stages:
-        stage = getattr(model, name)
-        inner = stage.forward
+    for name in blocks:
+        block = model.get_submodule(name)
+        inner = block.forward
 
-        def forward(x: torch.Tensor, _inner=inner, _stage=stage) -> torch.Tensor:
+        def forward(*args, _inner=inner, **kwargs):
             if torch.is_grad_enabled():
-                return checkpoint(_inner, x, use_reentrant=False)
-            return _inner(x)
-        stage.forward = forward
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+        block.forward = forward
     return model

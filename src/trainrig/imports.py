@@ -1,0 +1,26 @@
+"""Import a class named in the config (``package.module.Class``): imported, never evaluated."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ConfigError
+
+
+def import_object(path: Any, key: str) -> Any:
+    """The object ``path`` names; a missing module or attribute is a ConfigError naming ``key``."""
+    if not isinstance(path, str) or "." not in path.strip("."):
+        raise ConfigError(f"{key}: expected package.module.Class, got {path!r}")
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{key}: cannot import {path} ({exc})") from None
+
+
+def construct(cls: Any, args: dict, key: str) -> Any:
+    """``cls(**args)``; wrong arguments are a ConfigError naming ``key`` (the init_args)."""
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {exc}") from None

@@ -1,0 +1,138 @@
+"""Use a trained run: rebuild its model from a checkpoint, label image files with it.
+
+Preprocessing comes from the checkpoint's config (channels, image size, per-channel mean/std), and an
+image goes through the same functions training used (``data.images.load`` + the evaluation transform),
+so a file gets the label ``trainer eval`` gives the same pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint, config as config_mod, data, models
+from .config import Config
+from .data import images
+from .errors import CheckpointError, ConfigError, DataError
+from .step import autocast, full_precision
+from .strategy import resolve_device
+
+
+@dataclass
+class Trained:
+    """A checkpoint's model (eval mode, on its device) with the config it was trained with."""
+
+    cfg: Config
+    model: nn.Module
+    epoch: int
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.cfg.data.classes or [])
+
+    def transform(self) -> data.BatchTransform:
+        """The evaluation batch transform of the run: same normalisation, dtype and memory format."""
+        dtype = torch.float64 if self.cfg.precision == "64-true" else torch.float32
+        return data.transforms(self.cfg.data, self.cfg.data.mean, self.cfg.data.std, self.cfg.model.channels_last,
+                               dtype)[1]
+
+
+def _complete(cfg: Config) -> Config:
+    """Checkpoints from before the run config recorded classes/statistics: find them from the data."""
+    if cfg.data.mean is not None and cfg.data.classes is not None and cfg.data.image_size is not None:
+        return cfg
+    splits = data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels,
+                              pretrained=cfg.model.weights == "imagenet")
+    return data.resolve(cfg, splits)
+
+
+def load_trained(path: str | Path, overrides: Sequence[str] = (), *, model: nn.Module | None = None) -> Trained:
+    """Read a trainrig checkpoint (weights_only) and rebuild its network; ``model``: your own network's
+    instance, for runs trained with ``fit(model=...)`` whose class needs constructor arguments."""
+    state = checkpoint.load(path)
+    if "config" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a trainrig checkpoint (needs 'config' and 'model')")
+    cfg = config_mod.load(raw=state["config"], overrides=list(overrides))
+    cfg = _complete(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None)))
+    if model is None:
+        try:
+            model = models.build_model(cfg.model)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: cannot rebuild the network ({exc}); pass your model instance "
+                              f"(trainrig.predict(..., model=net))") from None
+    try:
+        model.load_state_dict(models.strip_prefixes(state["model"]))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the network ({str(exc).splitlines()[0]})") from None
+    device = resolve_device(cfg.device)
+    model = model.to(device, torch.float64 if cfg.precision == "64-true" else torch.float32).eval()
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Trained(cfg, model, int(state.get("epoch", 0)), device)
+
+
+def image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for images (sorted); a missing path is a DataError."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and images.is_image(f))
+            if not inside:
+                raise DataError(f"{p}: no image files in this folder")
+            found += inside
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return found
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's top-k classes, most probable first."""
+
+    path: str
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+
+@torch.inference_mode()
+def predict(checkpoint_path: str | Path, paths: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 64,
+            model: nn.Module | None = None) -> list[Prediction]:
+    """Label image files (or folders of them) with a trained checkpoint."""
+    trained = load_trained(checkpoint_path, model=model)
+    cfg, tf, names = trained.cfg, trained.transform(), trained.classes
+    files = image_paths(paths)
+    k = max(1, min(top_k, cfg.model.num_classes or 1))
+    out: list[Prediction] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        x = torch.stack([images.load(f, cfg.model.in_channels, cfg.data.image_size) for f in chunk])
+        with autocast(trained.device.type, cfg.precision):
+            logits = trained.model(tf(x, trained.device, None))
+        probs = torch.softmax(full_precision(logits).float(), dim=1).cpu()
+        top = probs.topk(k, dim=1)
+        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            out.append(Prediction(str(f), tuple(i), tuple(names[j] if j < len(names) else str(j) for j in i),
+                                  tuple(p)))
+    return out
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:
+    """path, then class_1, prob_1, ... class_k, prob_k per image (written atomically)."""
+    import csv
+    import io
+
+    k = max((len(p.classes) for p in predictions), default=0)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", *[f"{w}_{i}" for i in range(1, k + 1) for w in ("class", "prob")]])
+    for p in predictions:
+        writer.writerow([p.path, *[v for c, pr in zip(p.classes, p.probabilities) for v in (c, f"{pr:.6f}")]])
+    checkpoint.atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,46 @@
+"""What a resumed run may change: where and how fast it runs, not what it computes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .config import Config, _join, to_dict
+from .errors import ConfigError
+
+# Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
+RESUME_FREE = ("name", "out_dir", "epochs", "device", "threads", "dist_timeout_s", "callbacks", "data.root",
+               "data.num_workers", "data.pin_memory", "data.eval_batch_size")
+
+
+# Keys a run fills in when they are null (auto): a resumed run asking for null/auto keeps the found value.
+FOUND_AT_START = ("data.batch_size", "data.image_size", "data.mean", "data.std", "data.classes",
+                  "model.in_channels", "model.num_classes")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = _join(prefix, key)
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def resume_config(trained: Config, requested: Config, epochs_done: int) -> Config:
+    """The config a resumed run continues with: the one it was trained with, plus the requested values of
+    the keys in RESUME_FREE. Any other difference would silently train another recipe: refused, naming keys."""
+    old, new = _flatten(to_dict(trained)), _flatten(to_dict(requested))
+    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith("tune.")
+               and not (k in FOUND_AT_START and new.get(k) in (None, "auto"))]
+    if changed:
+        shown = ", ".join(f"{k}={new.get(k)!r} (trained with {old[k]!r})" for k in changed)
+        raise ConfigError(f"--resume: {shown}; a resumed run keeps its recipe (only epochs may grow): "
+                          f"drop the change or start a new run")
+    if requested.epochs < epochs_done:
+        raise ConfigError(f"--resume: epochs={requested.epochs} but the run already trained {epochs_done}")
+    top = {k: getattr(requested, k) for k in RESUME_FREE if "." not in k}
+    data = {k[len("data."):]: getattr(requested.data, k[len("data."):]) for k in RESUME_FREE if k.startswith("data.")}
+    return dataclasses.replace(trained, **top, tune=requested.tune,
+                               data=dataclasses.replace(trained.data, **data))
