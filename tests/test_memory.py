@@ -57,14 +57,26 @@ def test_oom_at_micro_batch_one_is_a_clear_error(tiny_cfg):
         trainrig.fit(tiny_cfg(), progress="off", callbacks=[SimulateOOM(0)])
 
 
+@pytest.fixture(scope="module")
+def ddp_plain():
+    """The uninterrupted DDP run per optimizer, trained once for every case that compares with it."""
+    done = {}
+
+    def get(optimizer, cfg):
+        if optimizer not in done:
+            done[optimizer] = trainrig.fit(cfg, progress="off")
+        return done[optimizer]
+    return get
+
+
 @pytest.mark.parametrize("optimizer,after", [
     ("adam", 2),  # fused: step 3's flag is read during step 4, whose forward on rank 0 has already run
     ("adam", 0),  # the first step of a DDP wrap is checked at once (its next forward rebuilds DDP's buckets)
     ("sgd", 2),   # foreach: the flag is read before the optimizer step
 ])
-def test_ddp_one_rank_oom_both_shrink_and_finish(tiny_cfg, optimizer, after):
+def test_ddp_one_rank_oom_both_shrink_and_finish(tiny_cfg, ddp_plain, optimizer, after):
     base = [*FROZEN, "strategy=ddp", "devices=2", "data.synthetic_test=64", f"optim.name={optimizer}"]
-    plain = trainrig.fit(tiny_cfg(*base, "name=plain"), progress="off")
+    plain = ddp_plain(optimizer, tiny_cfg(*base, "name=plain"))
     shrunk = trainrig.fit(tiny_cfg(*base, "name=oom"), progress="off",
                           callbacks=[SimulateOOM(16, rank=1, after=after), Recorder(name="log")])
     assert shrunk.param_checksums[0] == shrunk.param_checksums[1]

@@ -71,6 +71,18 @@ def test_hyperopt_asha_end_to_end(tmp_path):
     assert min(epochs) < 4 and max(epochs) == 4  # ASHA stopped at least one trial before max_t
     assert any(r["stop_reason"].startswith("stopped early by asha") for r in rows)
     assert (exp / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    from rich.console import Console
+
+    from trainrig.cli import tune_table
+
+    narrow = Console(width=80, record=True, file=open(os.devnull, "w"))
+    narrow.print(tune_table(result))
+    lines = narrow.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    body = [line for line in lines if line.startswith("│")]
+    assert len(body) == 4 and all("asha stop" in line or " done" in line for line in body)  # a line each
+    assert {line.split("│")[1].strip() for line in body} == {row["trial"].split("_")[2] + "_" + row["trial"].split("_")[3]
+                                                            for row in rows}
     best = trainrig.load_config(exp / "best.yaml", [f"out_dir={tmp_path / 'runs'}", "epochs=1"])
     assert best.optim.lr == pytest.approx(result.best_params["optim.lr"])
     assert trainrig.fit(best, progress="off").history[0]["test_acc"] >= 0

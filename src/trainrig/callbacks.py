@@ -111,14 +111,6 @@ class ProgressCallback(Callback):
         self._bar().close()
 
 
-class MetricsCSV(Callback):
-    """metrics.csv, rewritten from the whole history each epoch (a resumed run's file equals an
-    uninterrupted one's)."""
-
-    def on_epoch_end(self, run: Any, row: dict) -> None:
-        report.write_metrics(run.run_dir, run.state.history)
-
-
 class CurvesPlot(Callback):
     """curves.png: loss and accuracy per epoch."""
 
@@ -139,8 +131,11 @@ class Checkpointing(Callback):
             checkpoint.save(folder / "best.pt", state)
 
 
-def builtin(progress: ProgressMode | Progress = "auto") -> list[Callback]:
-    return [ProgressCallback(progress), MetricsCSV(), CurvesPlot(), Checkpointing()]
+def builtin(cfg: Any, progress: ProgressMode | Progress = "auto") -> list[Callback]:
+    """Progress, curves.png and checkpoints, then the configured loggers (loggers.py)."""
+    from .loggers import make_loggers
+
+    return [ProgressCallback(progress), CurvesPlot(), Checkpointing(), *make_loggers(cfg)]
 
 
 def from_specs(specs: Sequence[dict]) -> list[Callback]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -48,6 +49,11 @@ def _load(config: Optional[Path], overrides: List[str]) -> config_mod.Config:
     return config_mod.load(config if config is not None else config_mod.default_config_path(), overrides)
 
 
+def _short(value: object, width: int = 24) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -88,15 +94,38 @@ def tune(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
     from .tune import run as run_tune
 
     result = run_tune(_load(config, set_), resume=resume, verbose=not quiet)
-    table = Table(title=f"trials of {result.experiment_dir}")
-    columns = list(dict.fromkeys(k for row in result.trials for k in row))
-    for col in columns:
-        table.add_column(col.removeprefix("param:"), overflow="fold")
-    for row in result.trials:
-        table.add_row(*(f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
-    out.print(table)
+    out.print(tune_table(result))
     out.print(f"best: {result.best_params} -> {result.best_metrics}")
     out.print(f"best config: {result.best_config_path}  (trainer fit --config {result.best_config_path})")
+
+
+def _trial_id(name: str) -> str:
+    """Ray's trial folder ``_trial_3b810f99_3_optim_lr=0.0002,..._2026-11-27_20-52-19`` -> ``3b810f99_3``."""
+    found = re.search(r"([0-9a-f]{5,8}_\d{1,5})(?:_|$)", name)
+    return found.group(1) if found else name[:12]
+
+
+def _stop(reason: str) -> str:
+    if reason.startswith("stopped early by "):
+        return reason.removeprefix("stopped early by ") + " stop"
+    return "done" if reason == "completed" else "error" if reason.startswith("error") else reason[:10]
+
+
+def tune_table(result) -> Table:
+    """One line per trial in 80 columns: short trial id, parameters, rounded metrics (full text in trials.csv)."""
+    params = list(dict.fromkeys(k for row in result.trials for k in row if k.startswith("param:")))
+    metrics = [k for k in result.trials[0] if k.startswith(("final_", "best_"))] if result.trials else []
+    table = Table(title=f"trials of {result.experiment_dir.name} (details: trials.csv)")
+    table.add_column("trial", no_wrap=True)
+    for name in [*params, *metrics]:
+        header = name.removeprefix("param:").rsplit(".", 1)[-1]
+        table.add_column(header.split("_")[0] if name in metrics else header, justify="right", no_wrap=True)
+    table.add_column("epochs", justify="right")
+    table.add_column("end", no_wrap=True)
+    for row in result.trials:
+        table.add_row(_trial_id(str(row.get("trial", ""))), *(_short(row.get(k, ""), 10) for k in [*params, *metrics]),
+                      str(row.get("epochs_run", "")), _stop(str(row.get("stop_reason", ""))))
+    return table
 
 
 @app.command("eval")
@@ -160,6 +189,34 @@ def export_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A chec
     res = export(checkpoint, fmt, out_path, force=force)
     out.print(f"wrote {res.path} and {res.sidecar}; outputs match the checkpoint's to {res.max_abs_diff:.2e} "
               f"(logits up to {res.max_abs_logit:.2f})")
+
+
+@app.command()
+@user_errors
+def runs(folder: Path = typer.Argument(Path("runs"), help="Folder of run folders (searched 3 levels down)."),
+         sort: str = typer.Option("started", "--sort", help="started | name | best | time | epochs"),
+         last: Optional[int] = typer.Option(None, "--last", min=1, help="Only the N most recently started runs."),
+         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw their test-accuracy curves here.")) -> None:
+    """Compare run folders: epochs, best test accuracy, time, speed and the config keys that differ."""
+    from . import runs as runs_mod
+
+    summaries = runs_mod.compare(folder, sort, last)
+    if not summaries:
+        out.print(f"no run folders (with config.yaml) under {folder}")
+        return
+    keys = runs_mod.differing(summaries)
+    table = Table(title=f"{len(summaries)} runs in {folder}")
+    for col in ("run", "started", "epochs", "best test acc", "time", "img/s", *keys):
+        table.add_column(col, justify="left" if col in ("run", "started") else "right", overflow="fold")
+    for s in summaries:
+        best = f"{_pct(s.best_acc)} ({s.best_epoch})" if s.best_acc is not None else "-"
+        table.add_row(escape(str(s.path.relative_to(folder)) if s.path != folder else s.name), s.started_text,
+                      f"{s.epochs_done}/{s.epochs_planned}" + ("" if s.status == "done" else f" {s.status.split()[0]}"),
+                      best, f"{s.seconds / 60:.1f} min", f"{s.images_per_s:.0f}" if s.images_per_s else "-",
+                      *(escape(_short(s.config.get(k))) for k in keys))
+    out.print(table)
+    if plot is not None:
+        out.print(f"wrote {runs_mod.plot(summaries, plot)}")
 
 
 @app.command()

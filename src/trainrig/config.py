@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union
 
 import yaml
 
+from .convert import convert as _convert
 from .errors import ConfigError
 
 
@@ -160,6 +160,25 @@ class TuneSettings:
 
 
 @dataclass(frozen=True)
+class MLflowSettings:
+    tracking_uri: Union[str, None] = opt(
+        None, "Where runs are logged: a folder, sqlite:///mlflow.db, http://host:5000 ...; null = the file store "
+        "<out_dir>/mlruns.")
+    experiment: Union[str, None] = opt(
+        None, "Experiment name; null = the run's name (trainer tune: the tune experiment's name).")
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    mode: Literal["auto", "offline", "online", "disabled"] = opt(
+        "auto", "auto: online when an API key is configured (WANDB_API_KEY or wandb login), else offline - never "
+        "a prompt; offline runs are uploaded later with 'wandb sync'.")
+    project: str = opt("trainrig", "W&B project.")
+    entity: Union[str, None] = opt(None, "W&B entity (team or user); null = your default.")
+    tags: list[str] = opt([], "Tags on the W&B run.")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name>.")
     out_dir: str = opt("runs", "Parent folder of run folders.")
@@ -192,113 +211,17 @@ class Config:
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
     sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")
+    loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = opt(
+        ["csv"], "Where metrics go: csv (metrics.csv, steps.csv), tensorboard (<run>/tensorboard), mlflow, wandb; "
+        "each but csv is an extra: pip install 'trainrig[loggers]'.")
+    log_every_n_steps: int = opt(50, "Loggers record the training loss and lr every N steps (epoch metrics always).",
+                                 min=1)
+    mlflow: MLflowSettings = opt(MLflowSettings(), "MLflow logger (loggers: [mlflow]).")
+    wandb: WandbSettings = opt(WandbSettings(), "Weights & Biases logger (loggers: [wandb]).")
     callbacks: list[dict] = opt(
         [], "Extra callbacks, each {class_path: package.module.Class, init_args: {...}}: a subclass of "
         "trainrig.callbacks.Callback, imported (never evaluated) and run after the built-in ones.")
     tune: TuneSettings = opt(TuneSettings(), "Hyperparameter search with Ray Tune (trainer tune).")
-
-
-# ----------------------------------------------------------------------------- conversion
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if _is_optional(tp):
-        inner = [a for a in get_args(tp) if a is not type(None)][0]
-        return f"{_type_name(inner)} or null"
-    if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if get_origin(tp) is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if tp is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _is_optional(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
-
-
-def _convert(value: Any, tp: Any, from_text: bool) -> Any:
-    """Convert ``value`` to ``tp`` or raise ValueError with what was expected."""
-    if _is_optional(tp):
-        if value is None or (from_text and str(value).strip().lower() in ("null", "none", "~")):
-            return None
-        inner = [a for a in get_args(tp) if a is not type(None)][0]
-        return _convert(value, inner, from_text)
-    if get_origin(tp) in (Union, types.UnionType):  # try each arm in order: devices: 2 | auto | [cpu, cpu]
-        for arm in get_args(tp):
-            try:
-                return _convert(value, arm, from_text)
-            except ValueError:
-                pass
-        raise ValueError(f"expected {_type_name(tp)}")
-    if get_origin(tp) is list:
-        if from_text and isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ValueError("expected a list like [a, b]") from None
-        if not isinstance(value, list):
-            raise ValueError("expected a list like [a, b]")
-        (inner,) = get_args(tp)
-        return [_convert(v, inner, from_text) for v in value]
-    if get_origin(tp) is Literal:
-        allowed = get_args(tp)
-        text = str(value) if value is not None else None
-        if text in allowed:
-            return text
-        raise ValueError(f"expected {_type_name(tp)}")
-    if tp in _SCALARS:
-        return _SCALARS[tp](value, from_text)
-    raise ValueError(f"unsupported type {tp}")
-
-
-def _to_bool(value: Any, from_text: bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError("expected true or false")
-
-
-def _to_number(kind: type, expected: str) -> Any:
-    """int or float from a number or a string (YAML 1.1 reads "1e-3" as a string); 1.5 is no int."""
-    def convert(value: Any, from_text: bool) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(expected)
-        try:
-            if isinstance(value, str):
-                return kind(value.strip())
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(expected)
-            return kind(value)
-        except ValueError:
-            raise ValueError(expected) from None
-    return convert
-
-
-def _to_str(value: Any, from_text: bool) -> str:
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError("expected a string")
-
-
-def _to_dict(value: Any, from_text: bool) -> dict:
-    """A free-form mapping (tune.search_space, a callback spec); its owner validates the content."""
-    if from_text and isinstance(value, str):
-        value = yaml.safe_load(value)
-    if isinstance(value, dict):
-        return value
-    raise ValueError("expected a mapping")
-
-
-_SCALARS = {bool: _to_bool, int: _to_number(int, "expected an integer"), float: _to_number(float, "expected a number"),
-            str: _to_str, dict: _to_dict}
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     """
     if (train_data is None) != (test_data is None):
         raise ConfigError("fit: give both train_data and test_data, or neither")
-    everything = [*cb.builtin(progress), *cb.from_specs(cfg.callbacks), *callbacks]
+    everything = [*cb.builtin(cfg, progress), *cb.from_specs(cfg.callbacks), *callbacks]
     parts = UserParts(model, train_data, test_data)
     return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything)
 

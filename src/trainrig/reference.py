@@ -6,7 +6,8 @@ import dataclasses
 
 import yaml
 
-from .config import Config, _hints, _join, _type_name
+from .config import Config, _hints, _join
+from .convert import type_name as _type_name
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -8,7 +8,8 @@ from .config import Config, _join, to_dict
 from .errors import ConfigError
 
 # Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
-RESUME_FREE = ("name", "out_dir", "epochs", "device", "threads", "dist_timeout_s", "callbacks", "data.root",
+RESUME_FREE = ("name", "out_dir", "epochs", "device", "threads", "dist_timeout_s", "callbacks", "loggers",
+               "log_every_n_steps", "data.root",
                "data.num_workers", "data.pin_memory", "data.eval_batch_size")
 
 
@@ -32,7 +33,7 @@ def resume_config(trained: Config, requested: Config, epochs_done: int) -> Confi
     """The config a resumed run continues with: the one it was trained with, plus the requested values of
     the keys in RESUME_FREE. Any other difference would silently train another recipe: refused, naming keys."""
     old, new = _flatten(to_dict(trained)), _flatten(to_dict(requested))
-    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith("tune.")
+    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith(("tune.", "mlflow.", "wandb."))
                and not (k in FOUND_AT_START and new.get(k) in (None, "auto"))]
     if changed:
         shown = ", ".join(f"{k}={new.get(k)!r} (trained with {old[k]!r})" for k in changed)
@@ -42,5 +43,5 @@ def resume_config(trained: Config, requested: Config, epochs_done: int) -> Confi
         raise ConfigError(f"--resume: epochs={requested.epochs} but the run already trained {epochs_done}")
     top = {k: getattr(requested, k) for k in RESUME_FREE if "." not in k}
     data = {k[len("data."):]: getattr(requested.data, k[len("data."):]) for k in RESUME_FREE if k.startswith("data.")}
-    return dataclasses.replace(trained, **top, tune=requested.tune,
+    return dataclasses.replace(trained, **top, tune=requested.tune, mlflow=requested.mlflow, wandb=requested.wandb,
                                data=dataclasses.replace(trained.data, **data))

@@ -177,7 +177,10 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     cfg = apply_params(config_mod.load(raw=base), params)
     ranks = ddp_world_size(cfg) if cfg.strategy == "ddp" else 1
     cfg = dataclasses.replace(cfg, out_dir=str(trial_dir), name="fit",
-                              threads=max(1, int(cfg.tune.resources_per_trial.cpu) // ranks))
+                              threads=max(1, int(cfg.tune.resources_per_trial.cpu) // ranks),
+                              mlflow=dataclasses.replace(  # one MLflow experiment for the whole search
+                                  cfg.mlflow, experiment=cfg.mlflow.experiment or cfg.tune.name,
+                                  tracking_uri=cfg.mlflow.tracking_uri or (trial_dir.parent / "mlruns").as_uri()))
     restored, run_dir = tune.get_checkpoint(), trial_dir / "fit"
     if restored is not None:
         with restored.as_directory() as folder:

@@ -1,0 +1,134 @@
+"""Compare run folders: one row per run (``trainer runs``) and their test-accuracy curves on one plot.
+
+A run folder is any folder holding a ``config.yaml`` written by ``trainer fit``; its epochs come from
+``metrics.csv`` (or the history inside ``checkpoints/last.pt``). A run that stopped before its planned
+epochs is listed as interrupted, never an error.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import checkpoint, report
+from .errors import ConfigError
+
+IGNORED_KEYS = ("name", "out_dir")  # differ between any two runs; say nothing about the recipe
+SORTS = {"started": lambda r: r.started, "name": lambda r: r.name, "best": lambda r: -(r.best_acc or -1),
+         "time": lambda r: r.seconds, "epochs": lambda r: -r.epochs_done}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    path: Path
+    name: str
+    started: float  # config.yaml's modification time (written when the run starts or resumes)
+    epochs_done: int
+    epochs_planned: int
+    best_acc: float | None
+    best_epoch: int | None
+    seconds: float
+    images_per_s: float | None
+    history: list[dict] = field(repr=False, default_factory=list)
+    config: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.epochs_done == 0:
+            return "no epochs"
+        return "done" if self.epochs_done >= self.epochs_planned else f"interrupted ({self.epochs_done}/{self.epochs_planned})"
+
+    @property
+    def started_text(self) -> str:
+        return dt.datetime.fromtimestamp(self.started).strftime("%Y-%m-%d %H:%M")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _history(folder: Path) -> list[dict]:
+    if (folder / "metrics.csv").is_file():
+        try:
+            return report.read_metrics(folder / "metrics.csv")
+        except (ValueError, KeyError, OSError):
+            pass  # a half-written file from a crash: fall back to the checkpoint
+    last = folder / "checkpoints" / "last.pt"
+    if last.is_file():
+        try:
+            return list(checkpoint.load(last, mmap=True).get("history", []))
+        except Exception:
+            return []
+    return []
+
+
+def summarize(folder: Path) -> RunSummary:
+    try:
+        raw = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    history = _history(folder)
+    best = max(history, key=lambda r: r["test_acc"]) if history else None
+    speeds = [r["images_per_s"] for r in history if "images_per_s" in r]
+    return RunSummary(folder, folder.name, (folder / "config.yaml").stat().st_mtime, len(history),
+                      int(raw.get("epochs", len(history)) or 0), best["test_acc"] if best else None,
+                      int(best["epoch"]) if best else None, sum(r.get("seconds", 0.0) for r in history),
+                      sum(speeds) / len(speeds) if speeds else None, history,
+                      {k: v for k, v in _flatten(raw).items() if not k.startswith("tune.")})
+
+
+def find(root: str | Path, depth: int = 3) -> list[Path]:
+    """Run folders under ``root`` (itself included), at most ``depth`` levels down."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such folder (trainer runs [DIR], default runs/)")
+    found = [root] if (root / "config.yaml").is_file() else []
+    if depth:
+        for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if child.name not in ("checkpoints", "tensorboard", "wandb", "mlruns"):
+                found += find(child, depth - 1)
+    return found
+
+
+def differing(summaries: list[RunSummary]) -> list[str]:
+    """Config keys whose values are not the same in every listed run (in the config's order)."""
+    keys = list(dict.fromkeys(k for s in summaries for k in s.config))
+    return [k for k in keys if k not in IGNORED_KEYS and len({repr(s.config.get(k)) for s in summaries}) > 1]
+
+
+def compare(root: str | Path = "runs", sort: str = "started", last: int | None = None) -> list[RunSummary]:
+    if sort not in SORTS:
+        raise ConfigError(f"--sort {sort!r}: expected one of {', '.join(SORTS)}")
+    summaries = sorted((summarize(p) for p in find(root)), key=lambda s: s.started)
+    if last:
+        summaries = summaries[-last:]
+    return sorted(summaries, key=SORTS[sort])
+
+
+def plot(summaries: list[RunSummary], path: str | Path) -> Path:
+    """Test accuracy per epoch of every run, one line each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s in summaries:
+        if s.history:
+            ax.plot([r["epoch"] for r in s.history], [100 * r["test_acc"] for r in s.history], "-o", label=s.name)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    checkpoint.atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
