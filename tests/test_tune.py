@@ -88,11 +88,20 @@ def test_hyperopt_asha_end_to_end(tmp_path):
     assert trainrig.fit(best, progress="off").history[0]["test_acc"] >= 0
 
 
-def test_trials_with_strategy_ddp_run_as_ddp_groups(tmp_path):
-    """Each trial spawns 2 gloo ranks; rank 0's epochs reach Ray through the trial process (TuneReport)."""
+def test_trials_with_strategy_ddp_run_as_ddp_groups(tmp_path, monkeypatch):
+    """Each trial spawns 2 gloo ranks; rank 0's epochs reach Ray through the trial process (TuneReport).
+    Every trial logs through the configured loggers; MLflow groups them in one experiment."""
     cfg = tune_cfg(tmp_path, "strategy=ddp", "devices=2", "epochs=2", "tune.searcher=random", "tune.num_samples=2",
-                   "tune.resources_per_trial.cpu=2", "tune.search_space={optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}")
+                   "tune.resources_per_trial.cpu=2", "tune.search_space={optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
+                   "loggers=[csv, mlflow]")
     result = tune.run(cfg, verbose=False)
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(result.experiment_dir / "mlruns").as_uri())
+    logged = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert sorted(r.info.run_name for r in logged) == sorted(t.name for t in result.experiment_dir.glob("_trial_*"))
+    assert all(len(client.get_metric_history(r.info.run_id, "epoch_test_acc")) == 2 for r in logged)
     rows = list(csv.DictReader(open(result.experiment_dir / "trials.csv")))
     assert len(rows) == 2 and all(r["stop_reason"] == "completed" and r["epochs_run"] == "2" for r in rows)
     for trial in result.experiment_dir.glob("_trial_*"):
