@@ -116,12 +116,9 @@ class TensorBoardLogger(StepLogger):
             self.writer.add_hparams(flat_config(run.cfg), final, run_name="hparams")
         curves = run.run_dir / "curves.png"
         if curves.is_file():
-            from torchvision.io import decode_png, read_file
+            from .data.images import decode
 
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.writer.add_image("curves", decode_png(read_file(str(curves)))[:3], len(history))
+            self.writer.add_image("curves", decode(curves)[:3], len(history))
         self.writer.close()
 
     def on_exception(self, run: Any, exc: BaseException) -> None:
