@@ -106,3 +106,25 @@ def test_cli_config_show_applies_set():
     assert result.exit_code == 0
     shown = yaml.safe_load(result.output)
     assert shown["optim"]["lr"] == 0.25 and shown["epochs"] == 7
+
+
+@pytest.mark.parametrize("setup,args,expected", [
+    (lambda p: p.write_bytes(bytes(range(256)) * 2), ["-c", "{f}"], "{f}: not a text file (a YAML config is expected)"),
+    (lambda p: p.write_text("epochs: 1\nseed: 3\nepochs: 2\n"), ["-c", "{f}"],
+     "{f} (line 3): not valid YAML: key 'epochs' is given twice (lines 1 and 3)"),
+    (lambda p: p.write_text("optim:\n  lr: .nan\n"), ["-c", "{f}"], "{f}: optim.lr: expected a finite number, got nan"),
+    (lambda p: p.mkdir(), ["-c", "{f}"], "{f}: is a folder, not a config file"),
+    (lambda p: None, ["--set", "optim.lr=inf"], "--set: optim.lr: expected a finite number, got 'inf'"),
+    (lambda p: None, ["--set", "seed=-1"], "--set: seed: expected a value >= 0, got -1"),
+    (lambda p: None, ["--set", "name=../elsewhere"], "name: expected a plain folder name"),
+    (lambda p: None, ["--set", "tune.search_space={{a: 1, a: 2}}"], "key 'a' is given twice"),
+    (lambda p: p.write_text("x"), ["--set", "out_dir={f}", "--set", "epochs=1"], "out_dir={f}: is a file, not a folder"),
+], ids=["binary", "duplicate-key", "nan", "folder", "inf", "negative-seed", "name-path", "dup-set", "out_dir-file"])
+def test_bad_input_a_new_user_tries(tmp_path, setup, args, expected):
+    """Each was a traceback (exit 1) or silently accepted before: now one line, exit 2, nothing written."""
+    target = tmp_path / "thing"
+    setup(target)
+    command = "fit" if "out_dir" in " ".join(args) else "config"
+    argv = ["fit", "--quiet", *[a.format(f=target) for a in args]] if command == "fit" else \
+        ["config", "show", *[a.format(f=target) for a in args]]
+    assert_exit_2(runner.invoke(app, argv), expected.format(f=target))

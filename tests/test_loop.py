@@ -206,3 +206,20 @@ def test_bad_callback_spec_exit_2(tmp_path, spec, message):
     assert_exit_2(runner.invoke(app, ["fit", "-c", "configs/smoke.yaml", "--quiet", "--set", f"out_dir={tmp_path}",
                                        "--set", f"callbacks={spec}"]), message)
     assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+def test_resume_auto_starts_then_continues_in_the_same_folder(tmp_path):
+    """One command for the first launch and every restart: '--resume auto' (or resume: auto in the config)."""
+    base = ["fit", "-c", "configs/smoke.yaml", "--quiet", "--set", f"out_dir={tmp_path}", "--set", "name=job",
+            "--set", "data.synthetic_train=128", "--set", "threads=1"]
+    (tmp_path / "job").mkdir(parents=True)
+    (tmp_path / "job" / "config.yaml").write_text("# a launch that died before its first checkpoint\n")
+    first = runner.invoke(app, [*base, "--set", "epochs=1", "--resume", "auto"])
+    assert first.exit_code == 0, first.output
+    assert not (tmp_path / "job-2").exists()  # no checkpoint there: started in that folder
+    again = runner.invoke(app, [*base, "--set", "epochs=2", "--set", "resume=auto"])
+    assert again.exit_code == 0, again.output
+    history = torch.load(tmp_path / "job" / "checkpoints" / "last.pt", weights_only=True)["history"]
+    assert [r["epoch"] for r in history] == [1, 2]  # resumed after epoch 1, not retrained
+    assert_exit_2(runner.invoke(app, [*base, "--resume", "later"]), "unexpected argument 'later'")
+    assert_exit_2(runner.invoke(app, [*base, "--set", "name=none", "--resume"]), "--resume: no checkpoint at")

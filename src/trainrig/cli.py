@@ -61,7 +61,9 @@ def _pct(x: float) -> str:
 @app.command()
 @user_errors
 def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue the run folder <out_dir>/<name> from last.pt."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run folder <out_dir>/<name> from last.pt; "
+                                    "'--resume auto': continue it if it has a checkpoint, else start it."),
+        resume_mode: Optional[str] = typer.Argument(None, hidden=True, metavar="[auto]"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary."),
         batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Shortcut for --set data.batch_size=N|auto "
                                                                             "(auto: the largest that fits).")) -> None:
@@ -69,7 +71,9 @@ def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
     from .loop import fit as run_fit
 
     cfg = _load(config, [*set_, *([f"data.batch_size={batch_size}"] if batch_size is not None else [])])
-    result = run_fit(cfg, resume=resume, progress="off" if quiet else "auto")
+    if resume_mode not in (None, "auto") or (resume_mode and not resume):
+        raise config_mod.ConfigError(f"unexpected argument {resume_mode!r} (did you mean --resume auto?)")
+    result = run_fit(cfg, resume="auto" if resume_mode else resume, progress="off" if quiet else "auto")
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     table = Table(title=f"{result.config.name}: {len(result.history)} epochs in {result.seconds / 60:.1f} min")

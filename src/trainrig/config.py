@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .convert import convert as _convert
+from .convert import convert as _convert, load_yaml
 from .errors import ConfigError
 
 
@@ -180,9 +180,13 @@ class WandbSettings:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name>.")
+    name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name> (a plain folder name).")
     out_dir: str = opt("runs", "Parent folder of run folders.")
-    seed: int = opt(0, "Seed for weights, batch order and augmentation.")
+    seed: int = opt(0, "Seed for weights, batch order and augmentation.", min=0, max=2**32 - 1)
+    resume: Literal["never", "auto"] = opt(
+        "never", "auto: continue <out_dir>/<name> from its last checkpoint when it has one, else start it there - "
+        "one command for the first launch and every restart (job scripts); never: a new run folder each time. "
+        "trainer fit --resume is the strict form (the checkpoint must exist).")
     epochs: int = opt(5, "Number of training epochs.", min=1)
     device: str = opt("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N.")
     threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores divided among local processes.", min=0)
@@ -307,12 +311,16 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``; errors name the file."""
+    """Read a YAML mapping (safe loader, duplicate keys refused); every error names the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is expected)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -338,16 +346,25 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     source = dict(raw) if raw is not None else (read_yaml(path) if path is not None else {})
     problems: list[str] = []
     file_cfg = _build(Config, source, "", problems, from_text=False)
+    problems += _folder_names(file_cfg) if not problems else []
     if problems:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(where + "; ".join(problems))
     if overrides:
         merged = _deep_merge(to_dict(file_cfg), parse_overrides(overrides))
         cfg = _build(Config, merged, "", problems, from_text=True)
+        problems += _folder_names(cfg) if not problems else []
         if problems:
             raise ConfigError("--set: " + "; ".join(problems))
         return cfg
     return file_cfg
+
+
+def _folder_names(cfg: Config) -> list[str]:
+    """name and tune.name become folders under out_dir / storage_path: plain names only, never paths."""
+    return [f"{key}: expected a plain folder name (no '/', not '.' or '..'), got {value!r}"
+            for key, value in (("name", cfg.name), ("tune.name", cfg.tune.name))
+            if not value.strip() or "/" in value or "\\" in value or value in (".", "..")]
 
 
 def from_dict(raw: dict) -> Config:

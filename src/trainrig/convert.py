@@ -1,10 +1,35 @@
 """Config values from YAML or ``--set`` text to the types the schema declares (one converter per type)."""
 from __future__ import annotations
 
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.load`` with the strict safe loader: no Python objects, no duplicate keys."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -46,7 +71,7 @@ def convert(value: Any, tp: Any, from_text: bool) -> Any:
     if get_origin(tp) is list:
         if from_text and isinstance(value, str):
             try:
-                value = yaml.safe_load(value)
+                value = load_yaml(value)
             except yaml.YAMLError:
                 raise ValueError("expected a list like [a, b]") from None
         if not isinstance(value, list):
@@ -79,12 +104,15 @@ def _to_number(kind: type, expected: str) -> Any:
             raise ValueError(expected)
         try:
             if isinstance(value, str):
-                return kind(value.strip())
+                value = kind(value.strip())
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(expected)
-            return kind(value)
-        except ValueError:
+            number = kind(value)
+        except (ValueError, OverflowError):
             raise ValueError(expected) from None
+        if kind is float and not math.isfinite(number):
+            raise ValueError("expected a finite number")
+        return number
     return to_number
 
 
@@ -97,7 +125,10 @@ def _to_str(value: Any, from_text: bool) -> str:
 def _to_dict(value: Any, from_text: bool) -> dict:
     """A free-form mapping (tune.search_space, a callback spec); its owner validates the content."""
     if from_text and isinstance(value, str):
-        value = yaml.safe_load(value)
+        try:
+            value = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if isinstance(value, dict):
         return value
     raise ValueError("expected a mapping")

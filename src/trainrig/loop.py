@@ -143,9 +143,12 @@ class UserParts:
 
 
 def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, test_data: Any = None,
-        resume: bool = False, progress: ProgressMode | Progress = "auto",
+        resume: bool | str = False, progress: ProgressMode | Progress = "auto",
         callbacks: Sequence[Callback] = ()) -> FitResult | None:
     """Train ``cfg`` from scratch (or from its last checkpoint with ``resume``) and return the metrics.
+
+    ``resume=True``: continue <out_dir>/<name> (its last.pt must exist); ``resume="auto"`` (or the config's
+    ``resume: auto``): continue it when it has a checkpoint, else start it there.
 
     ``model`` replaces the configured network (trained as given, no surgery); ``train_data``/``test_data``
     (map-style Datasets of (image, label), or DataLoaders over them) replace data.name. Under spawned DDP
@@ -160,7 +163,7 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything)
 
 
-def _fit_worker(cfg: Config, resume: bool, parts: UserParts, env: DistEnv,
+def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
                 callbacks: Sequence[Callback]) -> FitResult | None:
     started = time.perf_counter()
     run = _setup(cfg, resume, parts, env, callbacks)
@@ -191,13 +194,15 @@ def _dtype(cfg: Config) -> torch.dtype:
     return torch.float64 if cfg.precision == "64-true" else torch.float32
 
 
-def _setup(cfg: Config, resume: bool, parts: UserParts, env: DistEnv, callbacks: Sequence[Callback]) -> Run:
+def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
+           callbacks: Sequence[Callback]) -> Run:
     """Strategy, run folder (rank 0 decides), data, model, batches, TrainState (restored with ``resume``)."""
     strategy = make_strategy(cfg, env)
     torch.set_num_threads(default_threads(cfg, env.local_world_size))
     if strategy.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    cfg, run_dir, resumed = _main_decides(strategy, lambda: _run_dir(cfg, resume))
+    mode = "strict" if resume is True else "auto" if "auto" in (resume, cfg.resume) else "never"
+    cfg, run_dir, resumed = _main_decides(strategy, lambda: _run_dir(cfg, mode))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     splits = _load_data(cfg, parts, env)
@@ -221,8 +226,9 @@ def _setup(cfg: Config, resume: bool, parts: UserParts, env: DistEnv, callbacks:
         run.state.load_state_dict(checkpoint.load(run_dir / "checkpoints" / "last.pt"))
     if env.is_main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
-    run.log(f"run folder: {run_dir}{f' (resumed after epoch {run.state.epoch})' if resumed else ''}  strategy: "
-            f"{strategy.describe()}")
+    how = f" (resumed after epoch {run.state.epoch})" if resumed else \
+        " (resume auto: no checkpoint yet, starting)" if mode == "auto" else ""
+    run.log(f"run folder: {run_dir}{how}  strategy: {strategy.describe()}")
     return run
 
 
@@ -232,16 +238,20 @@ def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
                             pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
 
 
-def _run_dir(cfg: Config, resume: bool) -> tuple[Config, Path, bool]:
-    """A new run folder, or with ``resume`` the existing one and the config it was trained with (only
-    ``epochs`` and keys that do not change the result may differ: resume.resume_config)."""
-    if not resume:
+def _run_dir(cfg: Config, mode: str) -> tuple[Config, Path, bool]:
+    """never: a new run folder. strict: the existing one and the config it was trained with (only ``epochs``
+    and keys that do not change the result may differ: resume.resume_config). auto: strict when the folder
+    has a checkpoint, else a fresh start in that folder (it holds no trained state)."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    last = run_dir / "checkpoints" / "last.pt"
+    if mode == "never" or (mode == "auto" and not last.is_file()):
+        if mode == "auto" and run_dir.is_dir():
+            return cfg, run_dir, False
         run_dir = report.new_run_dir(cfg.out_dir, cfg.name)
         return dataclasses.replace(cfg, name=run_dir.name), run_dir, False
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
-    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)  # every rank reads it in full later
+    if not last.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {last} (--resume auto starts the run when there is none)")
+    saved = checkpoint.load(last, mmap=True)  # every rank reads it in full later
     trained = config_mod.load(raw=saved["config"])
     return resume_config(trained, cfg, int(saved["epoch"])), run_dir, True
 

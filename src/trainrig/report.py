@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
+from .errors import ConfigError
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "seconds")
 
@@ -13,11 +14,16 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     """``out_dir/name``, or ``name-2``, ``name-3``... when that folder already holds a run: never overwrite."""
     base = Path(out_dir)
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"out_dir={base}: is a file, not a folder")
     candidate, n = base / name, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
         n += 1
         candidate = base / f"{name}-{n}"
-    candidate.mkdir(parents=True, exist_ok=True)
+    try:
+        candidate.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out_dir={base}: cannot create the run folder {candidate} ({exc.strerror or exc})") from None
     return candidate
 
 

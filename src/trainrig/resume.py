@@ -8,7 +8,7 @@ from .config import Config, _join, to_dict
 from .errors import ConfigError
 
 # Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
-RESUME_FREE = ("name", "out_dir", "epochs", "device", "threads", "dist_timeout_s", "callbacks", "loggers",
+RESUME_FREE = ("name", "out_dir", "epochs", "resume", "device", "threads", "dist_timeout_s", "callbacks", "loggers",
                "log_every_n_steps", "data.root",
                "data.num_workers", "data.pin_memory", "data.eval_batch_size")
 

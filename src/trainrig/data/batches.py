@@ -68,12 +68,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """One generator per (seed, epoch) for the batch order, the same on every rank (they shard one
     permutation): it does not depend on earlier epochs, so a resumed run sees the batches an
     uninterrupted one would."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
 
 
 def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     """Flips and crops: a stream of each rank's own, still a pure function of (seed, epoch, rank)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank + 1)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 65_537 + rank + 1) % 2**63)
 
 
 def shard_indices(n: int, rank: int, world: int, perm: torch.Tensor | None) -> torch.Tensor:
