@@ -6,7 +6,8 @@ picklable (defined at module level, holding plain data); one with ``in_launcher 
 in the process that called ``fit`` and receives rank 0's ``on_fit_start`` / ``on_epoch_end`` /
 ``on_fit_end`` with a ``RunInfo`` (cfg and run_dir only), e.g. Tune reporting.
 
-Built in (in this order before the user's): progress, metrics.csv, curves.png, checkpoints.
+Built in (in this order before the user's): progress, curves.png, checkpoints, then the configured loggers
+(loggers.py: metrics.csv/steps.csv by default, TensorBoard, MLflow, W&B).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``fit`` launches the strategy's processes (launch.py); each runs ``_fit_worker``, which reads top to
 bottom: set up the run, then per epoch train, evaluate and hand the row to the callbacks. Everything
-optional (progress, metrics.csv, curves.png, checkpoints, Tune reporting, the user's) is a callback.
+optional (progress, curves.png, checkpoints, loggers, Tune reporting, the user's) is a callback.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     ``model`` replaces the configured network (trained as given, no surgery); ``train_data``/``test_data``
     (map-style Datasets of (image, label), or DataLoaders over them) replace data.name. Under spawned DDP
     they are pickled into every process: define their classes in an importable module, not in __main__.
-    The built-in callbacks (progress, metrics.csv, curves.png, checkpoints) run first, then those named in
+    The built-in callbacks (progress, curves.png, checkpoints, loggers) run first, then those named in
     ``cfg.callbacks``, then ``callbacks``. Returns rank 0's result (None on other ranks under torchrun).
     """
     if (train_data is None) != (test_data is None):
