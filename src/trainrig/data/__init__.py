@@ -22,7 +22,7 @@ from . import cifar, idx, imagefolder, synthetic
 from .batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, augment_generator, epoch_generator,
                       make_batches, sample_batch, shard_indices, worker_errors)
 from .idx import read_idx
-from .images import ImageFiles, Prepared, TensorSet, channel_stats, native_channels, prepare
+from .images import ImageFiles, Prepared, TensorSet, channel_stats, decode, native_channels, prepare
 
 __all__ = ["BatchTransform", "Batches", "ImageFiles", "LoaderBatches", "Prepared", "SOURCES", "Source", "Splits",
            "TensorBatches", "TensorSet", "augment_generator", "build", "epoch_generator", "load_splits", "read_idx",
@@ -144,8 +144,6 @@ def _first_image(ds: Dataset) -> torch.Tensor:
     if isinstance(ds, TensorSet):
         return ds.images[0]
     if isinstance(ds, ImageFiles):
-        from .images import decode
-
         return decode(ds.paths[0])
     if len(ds) == 0:  # type: ignore[arg-type]
         raise DataError("train_data is empty")
@@ -242,9 +240,9 @@ def load_splits(cfg: DataConfig, seed: int = 0, *, channels: int | None = None, 
     size = cfg.image_size or int(min(first.shape[-2:]))
     need_mb = (len(train) + len(test)) * channels * size * size / 2**20  # type: ignore[arg-type]
     budget = cfg.cache_mb if cfg.cache_mb is not None else _default_cache_mb(local_world)
-    workers = _workers(cfg, local_world)
     if cfg.loader == "memory" or (cfg.loader == "auto" and not src.user and need_mb <= budget):
-        train, test = _cached(train, channels, size, workers), _cached(test, channels, size, workers)
+        decoders = _workers(cfg, local_world)  # DataLoader workers for the one decoding pass
+        train, test = _cached(train, channels, size, decoders), _cached(test, channels, size, decoders)
         how = f"decoded once into memory ({need_mb:.0f} MiB, data.cache_mb {budget:.0f})"
     else:
         train, test = _with_shape(train, channels, size), _with_shape(test, channels, size)

@@ -29,19 +29,18 @@ _IDX_DTYPES = {0x08: torch.uint8}
 
 @dataclass(frozen=True)
 class Family:
-    """One member of the family: torchvision's class name (its folder too), classes, where Debian puts it."""
+    """One member of the family: torchvision's class name (its folder too), classes, how to get the files."""
 
     title: str
     torchvision_name: str
     classes: tuple[str, ...]
-    system_dir: Path | None = None
     hint: str = ""
 
 
 FAMILY = {
     "fashion_mnist": Family("FashionMNIST", "FashionMNIST",
                             ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                             "Bag", "Ankle boot"), SYSTEM_DIR, "'apt-get install dataset-fashion-mnist' (Debian) or "),
+                             "Bag", "Ankle boot"), "'apt-get install dataset-fashion-mnist' (Debian) or "),
     "mnist": Family("MNIST", "MNIST", tuple(str(d) for d in range(10))),
     "kmnist": Family("KMNIST", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
@@ -95,11 +94,8 @@ def sources(root: str | Path, name: str = "fashion_mnist") -> list[Path]:
     found = [Path(root)]
     if os.environ.get("TRAINRIG_DATA"):
         found.append(Path(os.environ["TRAINRIG_DATA"]))
-    system = FAMILY[name].system_dir
-    if name == "fashion_mnist":
-        system = SYSTEM_DIR  # read at call time: tests point it elsewhere
-    if system is not None:
-        found.append(system)
+    if name == "fashion_mnist":  # only FashionMNIST has a Debian package; SYSTEM_DIR is read at call time
+        found.append(SYSTEM_DIR)
     return found
 
 
