@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import pytest
 import torch
 
 import trainrig
+
+# processes the tests start (CLI runs, torchrun ranks, Ray's trial workers) import tests/faults.py too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
 
 
 def write_idx(path: Path, array: torch.Tensor, gz: bool = False) -> Path:

@@ -5,6 +5,10 @@ pytest and in the ranks it spawns); a CLI run names them in ``callbacks`` with P
 """
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import torch
 
 from trainrig.callbacks import Callback
@@ -84,3 +88,20 @@ class Recorder(Callback):
 
     def on_message(self, run, text) -> None:
         self._note(run, f"message {text}")
+
+
+class KillOnce(Callback):
+    """Rank ``rank`` SIGKILLs its own process once it has done ``step`` optimizer steps (``state.global_step``),
+    the first time only: ``marker`` records that it happened, so the restarted process trains on. Like a
+    preempted node or an OOM-killed worker: no exception, no cleanup, no chance to save."""
+
+    rank_zero_only = False
+
+    def __init__(self, rank: int, step: int, marker: str):
+        self.rank, self.step, self.marker = rank, step, marker
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        if run.strategy.env.rank == self.rank and run.state.global_step == self.step \
+                and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"killed rank {self.rank} at step {self.step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)

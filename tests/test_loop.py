@@ -37,28 +37,6 @@ def test_loss_falls_and_run_folder_complete(tiny_cfg):
         assert all(isinstance(v, (int, float)) for v in row.values())
 
 
-def test_resume_equals_uninterrupted(tiny_cfg):
-    full = trainrig.fit(tiny_cfg("epochs=3", "name=full", "data.flip=true", "sched.name=cosine"), progress="off")
-    part_cfg = tiny_cfg("epochs=3", "name=part", "data.flip=true", "sched.name=cosine")
-
-    class Interrupted(Exception):
-        pass
-
-    class StopAfterTwo(trainrig.Callback):
-        def on_epoch_end(self, run, row):
-            if row["epoch"] == 2:
-                raise Interrupted
-    with pytest.raises(Interrupted):
-        trainrig.fit(part_cfg, progress="off", callbacks=[StopAfterTwo()])
-    resumed = trainrig.fit(part_cfg, resume=True, progress="off")
-    a = checkpoint.load(full.run_dir / "checkpoints" / "last.pt")
-    b = checkpoint.load(resumed.run_dir / "checkpoints" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 3
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key  # bitwise, on CPU
-    assert [r["test_acc"] for r in full.history] == [r["test_acc"] for r in resumed.history]
-
-
 def test_resume_refuses_a_changed_recipe_but_lets_epochs_grow(tiny_cfg, tmp_path):
     first = trainrig.fit(tiny_cfg("epochs=1"), progress="off")
     stamp = (first.run_dir / "config.yaml").read_text()
@@ -126,7 +104,7 @@ def test_existing_run_is_never_overwritten(tiny_cfg):
 
 
 def test_resume_without_checkpoint_is_clear(tiny_cfg):
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
         trainrig.fit(tiny_cfg("name=never"), resume=True, progress="off")
 
 
@@ -222,4 +200,4 @@ def test_resume_auto_starts_then_continues_in_the_same_folder(tmp_path):
     history = torch.load(tmp_path / "job" / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert [r["epoch"] for r in history] == [1, 2]  # resumed after epoch 1, not retrained
     assert_exit_2(runner.invoke(app, [*base, "--resume", "later"]), "unexpected argument 'later'")
-    assert_exit_2(runner.invoke(app, [*base, "--set", "name=none", "--resume"]), "--resume: no checkpoint at")
+    assert_exit_2(runner.invoke(app, [*base, "--set", "name=none", "--resume"]), "--resume: no checkpoint in")

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,8 +127,8 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
             "--set", "data.synthetic_train=96", "--set", "epochs=2", "--set", f"tune.storage_path={tmp_path}",
             "--set", "tune.name=exp", "--set", "tune.searcher=random", "--set", "tune.num_samples=3",
             "--set", f"tune.search_space={SPACE}", "--set", "tune.max_concurrent=1"]
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
     deadline = time.monotonic() + 240
     finished: list[Path] = []
     while time.monotonic() < deadline and len(finished) < 1:
@@ -138,7 +139,13 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
                     and len((run / "metrics.csv").read_text().splitlines()) == 3]
     assert finished, "no trial finished in time"
     os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: Ray saves the experiment state and exits
-    proc.wait(timeout=120)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]  # not 0: the search is not complete
+    said = " ".join(err.split())
+    assert re.search(r"interrupted: [12] of 3 trials finished", said), said[-2000:]
+    marker = (tmp_path / "exp" / "PARTIAL").read_text()
+    assert "of 3 trials finished" in marker and (tmp_path / "exp" / "best.yaml").read_text().startswith("# PARTIAL")
+    assert any(r["stop_reason"] == "interrupted" for r in csv.DictReader(open(tmp_path / "exp" / "trials.csv")))
     stamps = {m: m.stat().st_mtime_ns for m in finished}
     resumed = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -153,3 +160,22 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
         assert ran["optim"]["lr"] == pytest.approx(json.loads((trial / "params.json").read_text())["optim.lr"])
     best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
     assert best["tune"]["search_space"] == {} and best["epochs"] == 2
+    assert not (tmp_path / "exp" / "PARTIAL").exists()
+    assert not (tmp_path / "exp" / "best.yaml").read_text().startswith("# PARTIAL")
+
+
+def test_a_killed_trial_worker_restarts_from_its_last_checkpoint(tmp_path):
+    """tune.max_failures: the first trial to reach its 7th step (epoch 3 of 3 steps each) SIGKILLs its own
+    worker process; Ray restarts that trial from its epoch-2 checkpoint and every trial runs each epoch once."""
+    marker = tmp_path / "killed.txt"
+    kill = f"[{{class_path: faults.KillOnce, init_args: {{rank: 0, step: 7, marker: '{marker}'}}}}]"
+    cfg = tune_cfg(tmp_path, "epochs=3", "tune.searcher=random", "tune.num_samples=2", "tune.max_failures=1",
+                   "tune.search_space={optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}", f"callbacks={kill}")
+    result = tune.run(cfg, verbose=False)
+    assert marker.read_text().startswith("killed rank 0 at step 7")
+    assert not result.interrupted and result.finished == result.expected == 2
+    rows = list(csv.DictReader(open(result.experiment_dir / "trials.csv")))
+    assert [(r["stop_reason"], r["epochs_run"]) for r in rows] == [("completed", "3")] * 2
+    for trial in result.experiment_dir.glob("_trial_*"):
+        epochs = [r["epoch"] for r in csv.DictReader(open(trial / "fit" / "metrics.csv"))]
+        assert epochs == ["1", "2", "3"], trial.name  # the killed trial did not start over

@@ -11,6 +11,7 @@ Built in (in this order before the user's): progress, curves.png, checkpoints, t
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -120,16 +121,51 @@ class CurvesPlot(Callback):
 
 
 class Checkpointing(Callback):
-    """checkpoints/last.pt every epoch and best.pt when test accuracy improves, written atomically; each
-    holds the TrainState and the resolved config."""
+    """Saves at every epoch end and, with checkpoint.every_n_steps / every_minutes, mid-epoch with the
+    position in the epoch; keeps keep_last newest and save_top_k best (checkpoint.py names the files).
+    It runs on every rank: a mid-epoch save sums the epoch's running metrics over ranks (rank 0 writes)."""
+
+    rank_zero_only = False
+    CLOCK_EVERY_DDP = 20  # steps between reads of rank 0's clock under ddp (each read is a broadcast)
+
+    def __init__(self) -> None:
+        self.last_save = 0.0
+
+    def on_fit_start(self, run: Any) -> None:
+        self.last_save = time.monotonic()
+
+    def on_train_batch_end(self, run: Any, step: int, loss: Any) -> None:
+        if step < len(run.train) and self._due(run):
+            self._save(run, run.state.epoch + 1, partial=run.stepper.running_totals())
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
-        folder = run.run_dir / "checkpoints"
-        state = {**run.state.state_dict(), "config": config_mod.to_dict(run.cfg)}
-        checkpoint.save(folder / "last.pt", state)
-        earlier = [r["test_acc"] for r in run.state.history[:-1]]
-        if not earlier or row["test_acc"] > max(earlier):
-            checkpoint.save(folder / "best.pt", state)
+        monitor = run.cfg.checkpoint.monitor
+        earlier = [r[monitor] for r in run.state.history[:-1]]
+        better = max if monitor.endswith("acc") else min
+        self._save(run, run.state.epoch, best=not earlier or better(earlier + [row[monitor]]) != better(earlier))
+
+    def _due(self, run: Any) -> bool:
+        every, minutes = run.cfg.checkpoint.every_n_steps, run.cfg.checkpoint.every_minutes
+        if every and run.state.global_step % every == 0:
+            return True
+        if not minutes:
+            return False
+        world = run.strategy.env.world_size
+        if world > 1 and run.state.global_step % self.CLOCK_EVERY_DDP:
+            return False
+        due = time.monotonic() - self.last_save >= minutes * 60
+        return bool(run.strategy.broadcast(due)) if world > 1 else due
+
+    def _save(self, run: Any, epoch: int, *, partial: dict | None = None, best: bool = False) -> None:
+        self.last_save = time.monotonic()
+        if not run.strategy.is_main:
+            return
+        folder, settings = run.run_dir / "checkpoints", run.cfg.checkpoint
+        state = {**run.state.state_dict(partial), "config": config_mod.to_dict(run.cfg)}
+        checkpoint.save_step(folder, epoch, run.state.global_step, state, best=best)
+        scores = {int(r["epoch"]): float(r[settings.monitor]) for r in run.state.history}
+        checkpoint.prune(folder, settings.keep_last, settings.save_top_k, scores,
+                         maximize=settings.monitor.endswith("acc"))
 
 
 def builtin(cfg: Any, progress: ProgressMode | Progress = "auto") -> list[Callback]:

@@ -39,8 +39,8 @@ def user_errors(fn: Callable) -> Callable:
         except WorkerFailed as exc:  # a DDP rank raised: its traceback is above, one line here
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
+        except KeyboardInterrupt as exc:
+            err.print(f"interrupted{': ' + escape(str(exc)) if str(exc) else ''}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     return wrapper
 
@@ -101,6 +101,10 @@ def tune(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
     out.print(tune_table(result))
     out.print(f"best: {result.best_params} -> {result.best_metrics}")
     out.print(f"best config: {result.best_config_path}  (trainer fit --config {result.best_config_path})")
+    if result.interrupted:
+        err.print(f"interrupted: {result.finished} of {result.expected} trials finished; the outputs above are "
+                  f"marked partial; continue with: trainer tune --resume (same config)")
+        raise typer.Exit(130)
 
 
 def _trial_id(name: str) -> str:

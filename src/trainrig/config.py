@@ -125,6 +125,22 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: Union[int, None] = opt(
+        None, "Also save mid-epoch every N optimizer steps (with the position in the epoch: a resumed run goes on "
+        "from that batch); null = off.", min=1)
+    every_minutes: Union[float, None] = opt(
+        5.0, "Also save mid-epoch once this many minutes passed since the last save: the most training a crash "
+        "loses; null = epoch ends only. Under ddp the clock is read every 20 steps.", min=0.0, min_exclusive=True)
+    keep_last: int = opt(2, "Newest checkpoints kept as checkpoints/epoch=E-step=S.pt (an unreadable newest one "
+                         "falls back to the next); 0 = none beside last.pt and best.pt.", min=0)
+    save_top_k: int = opt(1, "Epoch-end checkpoints kept (as epoch=E-step=S.pt) for the K best values of "
+                          "monitor, beside the keep_last newest.", min=0)
+    monitor: Literal["test_acc", "test_loss", "train_acc", "train_loss"] = opt(
+        "test_acc", "Metric that picks best.pt and save_top_k: accuracies are maximised, losses minimised.")
+
+
+@dataclass(frozen=True)
 class TuneResources:
     cpu: float = opt(1.0, "CPUs per trial (also the trial's torch threads).", min=0.0, min_exclusive=True)
     gpu: float = opt(0.0, "GPUs per trial; fractions share a GPU (0.5 = two trials per GPU).", min=0.0)
@@ -154,6 +170,8 @@ class TuneSettings:
     address: Union[str, None] = opt(None, "Ray cluster to join (e.g. auto or ray://host:10001); null = local Ray.")
     storage_path: str = opt("runs/tune", "Parent folder of experiment folders.")
     seed: int = opt(0, "Seed of the searcher (the trials' own seed is the fit config's seed).")
+    max_failures: int = opt(1, "Times a failed trial (its worker process died, or it raised) is restarted from its "
+                            "last reported checkpoint (Ray's FailureConfig); 0 = never.", min=0)
     reuse_actors: bool = opt(True, "Run the next trial in a finished trial's worker process (skips process start "
                              "and imports; trials then share one process's memory, one after another).")
     object_store_mb: int = opt(256, "Object store size of a local Ray, MB (trials exchange little data).", min=80)
@@ -203,6 +221,9 @@ class Config:
         "auto", "auto | N | [list]. ddp: processes (auto = every local GPU, else 2 CPU processes); dp: GPUs; "
         "model_parallel: one device per stage, e.g. [cuda:0, cuda:1] or [cpu, cpu].")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "ddp process-group backend; auto = nccl on CUDA, gloo on CPU.")
+    restarts: int = opt(
+        0, "ddp spawned by trainer: times the whole group is restarted from the newest checkpoint after a rank "
+        "dies (under torchrun use --max-restarts and --resume auto instead).", min=0)
     dist_timeout_s: float = opt(
         300.0, "ddp: collective timeout in seconds; a rank stuck longer (a peer died) fails instead of hanging.",
         min=1.0)
@@ -212,6 +233,7 @@ class Config:
         None, "model_parallel: micro-batch size for pipelining (stage k runs micro-batch i while k-1 runs i+1); "
         "null = no pipelining.", min=1)
     data: DataConfig = opt(DataConfig(), "Dataset and batching.")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "When checkpoints are written and which are kept.")
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
     sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")

@@ -12,6 +12,7 @@ import datetime
 import gc
 import queue as queue_mod
 import socket
+import sys
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -133,7 +134,9 @@ def _spawn(cfg: Config, worker: Worker, callbacks: Sequence[Callback], world: in
         message = next(iter(errors.values()), None)  # are peers losing their connection to it
         if isinstance(message, TrainrigError):
             raise message from None
-        raise WorkerFailed(message or f"rank {exc.error_index} died ({exc})") from None
+        killed = getattr(exc, "signal_name", None)  # a rank killed by a signal reports nothing itself
+        raise WorkerFailed(f"rank {exc.error_index} was killed ({killed})" if killed else
+                           message or f"rank {exc.error_index} died ({exc})") from None
     finally:  # a launcher-side callback that raised (a stopped Tune trial) must not leave ranks behind
         for p in procs.processes:
             if p.is_alive():
@@ -153,8 +156,10 @@ def _drain(results: Any, wanted: str) -> dict[int, Any]:
     return found
 
 
-def launch(cfg: Config, worker: Worker, callbacks: Sequence[Callback]) -> Any:
-    """Run ``worker(env, callbacks)`` as the strategy says and return rank 0's result."""
+def launch(cfg: Config, worker: Worker, callbacks: Sequence[Callback], again: Worker | None = None) -> Any:
+    """Run ``worker(env, callbacks)`` as the strategy says and return rank 0's result. Spawned ddp with
+    ``restarts: N``: after a rank dies (not bad input), the group is started again up to N times, running
+    ``again`` (the worker resuming from the newest checkpoint)."""
     if cfg.strategy != "ddp":
         return worker(DistEnv(), callbacks)
     env = DistEnv.from_environ()
@@ -163,7 +168,14 @@ def launch(cfg: Config, worker: Worker, callbacks: Sequence[Callback]) -> Any:
     world = ddp_world_size(cfg)
     if world < 1:
         raise ConfigError(f"devices: ddp needs at least one process, got {cfg.devices!r}")
-    return _spawn(cfg, worker, callbacks, world)
+    for attempt in range(cfg.restarts + 1):
+        try:
+            return _spawn(cfg, worker if attempt == 0 or again is None else again, callbacks, world)
+        except WorkerFailed as exc:
+            if attempt == cfg.restarts:
+                raise
+            print(f"trainrig: {exc}; restarting the group from the newest checkpoint "
+                  f"(restart {attempt + 1} of {cfg.restarts})", file=sys.stderr, flush=True)
 
 
 __all__ = ["launch", "WorkerFailed", "ddp_world_size", "free_port"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Run:
     test: Any = None
     trainable: tuple[str, ...] | None = None  # backbone stages the wrapped model trains
     layout: models.Layout | None = None  # new layers and backbone stages of the model
+    stepper: Stepper | None = None  # the optimizer steps (running_totals: the epoch so far)
 
     def log(self, text: str) -> None:
         self.hooks.on_message(self, text)
@@ -76,16 +78,19 @@ def _totals(reduce: Callable[[Sequence[float]], list[float]], loss_sum: Any, cor
     return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
 
 
-def train_epoch(run: Run, batches: Iterable, stepper: Stepper) -> dict[str, float]:
-    """One pass over the training batches; floats come out at the end (summed over ranks)."""
-    start = time.perf_counter()
-    for step, (x, y) in enumerate(batches, 1):
+def train_epoch(run: Run, batches: Iterable, stepper: Stepper, first: int = 0) -> dict[str, float]:
+    """One pass over the training batches (from batch ``first`` when resumed mid-epoch); floats come out at
+    the end (summed over ranks, with the part of the epoch trained before the resume)."""
+    start, state = time.perf_counter(), run.state
+    before = int(state.partial["seen"]) if first and state.partial else 0
+    for step, (x, y) in enumerate(batches, first + 1):
         loss = stepper.step(x, y)
+        state.batch, state.global_step = step, state.global_step + 1
         if loss is not None:
             run.hooks.on_train_batch_end(run, step, loss)
     loss, acc, seen = _totals(run.strategy.reduce, *stepper.finish())
     elapsed = time.perf_counter() - start  # _totals waited for the device
-    return {"train_loss": loss, "train_acc": acc, "images_per_s": seen / max(elapsed, 1e-9)}
+    return {"train_loss": loss, "train_acc": acc, "images_per_s": (seen - before) / max(elapsed, 1e-9)}
 
 
 @torch.inference_mode()
@@ -120,11 +125,14 @@ def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
     if stages != run.trainable:  # DDP registers the trainable parameters when it wraps
         run.trainable = stages
         run.strategy.wrap(run.model)
-    run.train.set_epoch(epoch)
+    first = run.state.batch  # > 0: resumed mid-epoch from a checkpoint
+    run.train.set_epoch(epoch, first)
     run.hooks.on_epoch_start(run, epoch + 1, len(run.train))
-    row: dict[str, float] = {"epoch": epoch + 1, "lr": run.state.optimizer.param_groups[0]["lr"]}
+    stepper.epoch_lr = run.state.partial["lr"] if first and run.state.partial else \
+        run.state.optimizer.param_groups[0]["lr"]
+    row: dict[str, float] = {"epoch": epoch + 1, "lr": stepper.epoch_lr}
     with memory.explain_cuda_errors():
-        row.update(train_epoch(run, run.train, stepper))
+        row.update(train_epoch(run, run.train, stepper, first))
         run.strategy.sync_buffers(run.model)
         row.update(evaluate(run.strategy.net, run.test, run.strategy.reduce, precision=cfg.precision))
     row["seconds"] = time.perf_counter() - started
@@ -160,7 +168,16 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
         raise ConfigError("fit: give both train_data and test_data, or neither")
     everything = [*cb.builtin(cfg, progress), *cb.from_specs(cfg.callbacks), *callbacks]
     parts = UserParts(model, train_data, test_data)
-    return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything)
+    if cfg.restarts and cfg.strategy == "ddp" and _resume_mode(cfg, resume) == "never" \
+            and not DistEnv.from_environ().launched:
+        # a restarted group must find this run's folder: pick (and create) it here, before the first start
+        cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
+    return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything,
+                  again=functools.partial(_fit_worker, cfg, "auto", parts))
+
+
+def _resume_mode(cfg: Config, resume: bool | str) -> str:
+    return "strict" if resume is True else "auto" if "auto" in (resume, cfg.resume) else "never"
 
 
 def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
@@ -168,12 +185,13 @@ def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
     started = time.perf_counter()
     run = _setup(cfg, resume, parts, env, callbacks)
     state, strategy = run.state, run.strategy
-    stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing),
-                      run.cfg.precision, run.train.batch_size, run.log)
+    run.stepper = stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing),
+                                    run.cfg.precision, run.train.batch_size, run.log)
+    stepper.restore(state.partial, env.is_main)
     try:
         for epoch in range(state.epoch, run.cfg.epochs):
             row = _epoch(run, epoch, stepper)
-            state.epoch = epoch + 1
+            state.epoch, state.batch, state.partial = epoch + 1, 0, None
             state.history.append(row)
             run.hooks.on_epoch_end(run, row)
     except BaseException as exc:
@@ -201,8 +219,8 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
     torch.set_num_threads(default_threads(cfg, env.local_world_size))
     if strategy.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    mode = "strict" if resume is True else "auto" if "auto" in (resume, cfg.resume) else "never"
-    cfg, run_dir, resumed = _main_decides(strategy, lambda: _run_dir(cfg, mode))
+    mode = _resume_mode(cfg, resume)
+    cfg, run_dir, resumed, warnings = _main_decides(strategy, lambda: _run_dir(cfg, mode))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     splits = _load_data(cfg, parts, env)
@@ -223,13 +241,23 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
                                         dtype=_dtype(cfg), splits=splits, local_world=env.local_world_size)
     run.state = TrainState.create(cfg, run.model, len(run.train), strategy.device.type, run.layout)
     if resumed:
-        run.state.load_state_dict(checkpoint.load(run_dir / "checkpoints" / "last.pt"))
+        run.state.load_state_dict(checkpoint.load(resumed))
     if env.is_main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
-    how = f" (resumed after epoch {run.state.epoch})" if resumed else \
-        " (resume auto: no checkpoint yet, starting)" if mode == "auto" else ""
-    run.log(f"run folder: {run_dir}{how}  strategy: {strategy.describe()}")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarted and mode == "never":
+        warnings.append(f"torchrun restart {restarted} without --resume auto: this attempt starts over in a new folder")
+    for warning in warnings:
+        run.log(f"warning: {warning}")
+    run.log(f"run folder: {run_dir}{_how(run.state, resumed, mode)}  strategy: {strategy.describe()}")
     return run
+
+
+def _how(state: TrainState, resumed: Path | None, mode: str) -> str:
+    if resumed is None:
+        return " (resume auto: no checkpoint yet, starting)" if mode == "auto" else ""
+    where = f"epoch {state.epoch + 1} at batch {state.batch}" if state.batch else f"after epoch {state.epoch}"
+    return f" (resumed {where} from {resumed.name})"
 
 
 def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
@@ -238,22 +266,24 @@ def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
                             pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
 
 
-def _run_dir(cfg: Config, mode: str) -> tuple[Config, Path, bool]:
+def _run_dir(cfg: Config, mode: str) -> tuple[Config, Path, Path | None, list[str]]:
     """never: a new run folder. strict: the existing one and the config it was trained with (only ``epochs``
     and keys that do not change the result may differ: resume.resume_config). auto: strict when the folder
-    has a checkpoint, else a fresh start in that folder (it holds no trained state)."""
+    has a checkpoint, else a fresh start in that folder (it holds no trained state). Resuming takes the
+    newest readable checkpoint (returned with warnings about unreadable ones passed over)."""
     run_dir = Path(cfg.out_dir) / cfg.name
-    last = run_dir / "checkpoints" / "last.pt"
-    if mode == "never" or (mode == "auto" and not last.is_file()):
+    folder = run_dir / "checkpoints"
+    found = folder.is_dir() and any(folder.glob("*.pt"))
+    if mode == "never" or (mode == "auto" and not found):
         if mode == "auto" and run_dir.is_dir():
-            return cfg, run_dir, False
+            return cfg, run_dir, None, []
         run_dir = report.new_run_dir(cfg.out_dir, cfg.name)
-        return dataclasses.replace(cfg, name=run_dir.name), run_dir, False
-    if not last.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {last} (--resume auto starts the run when there is none)")
-    saved = checkpoint.load(last, mmap=True)  # every rank reads it in full later
+        return dataclasses.replace(cfg, name=run_dir.name), run_dir, None, []
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {folder} (--resume auto starts the run when there is none)")
+    saved, path, warnings = checkpoint.newest_readable(folder)
     trained = config_mod.load(raw=saved["config"])
-    return resume_config(trained, cfg, int(saved["epoch"])), run_dir, True
+    return resume_config(trained, cfg, int(saved["epoch"])), run_dir, path, warnings
 
 
 def _main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:

@@ -8,10 +8,11 @@ from .config import Config, _join, to_dict
 from .errors import ConfigError
 
 # Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
-RESUME_FREE = ("name", "out_dir", "epochs", "resume", "device", "threads", "dist_timeout_s", "callbacks", "loggers",
+RESUME_FREE = ("name", "out_dir", "epochs", "resume", "restarts", "device", "threads", "dist_timeout_s", "callbacks", "loggers",
                "log_every_n_steps", "data.root",
                "data.num_workers", "data.pin_memory", "data.eval_batch_size")
 
+FREE_SECTIONS = ("tune.", "checkpoint.", "mlflow.", "wandb.")  # every key in them is free too
 
 # Keys a run fills in when they are null (auto): a resumed run asking for null/auto keeps the found value.
 FOUND_AT_START = ("data.batch_size", "data.image_size", "data.mean", "data.std", "data.classes",
@@ -33,7 +34,7 @@ def resume_config(trained: Config, requested: Config, epochs_done: int) -> Confi
     """The config a resumed run continues with: the one it was trained with, plus the requested values of
     the keys in RESUME_FREE. Any other difference would silently train another recipe: refused, naming keys."""
     old, new = _flatten(to_dict(trained)), _flatten(to_dict(requested))
-    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith(("tune.", "mlflow.", "wandb."))
+    changed = [k for k in old if old[k] != new.get(k) and k not in RESUME_FREE and not k.startswith(FREE_SECTIONS)
                and not (k in FOUND_AT_START and new.get(k) in (None, "auto"))]
     if changed:
         shown = ", ".join(f"{k}={new.get(k)!r} (trained with {old[k]!r})" for k in changed)
@@ -43,5 +44,6 @@ def resume_config(trained: Config, requested: Config, epochs_done: int) -> Confi
         raise ConfigError(f"--resume: epochs={requested.epochs} but the run already trained {epochs_done}")
     top = {k: getattr(requested, k) for k in RESUME_FREE if "." not in k}
     data = {k[len("data."):]: getattr(requested.data, k[len("data."):]) for k in RESUME_FREE if k.startswith("data.")}
-    return dataclasses.replace(trained, **top, tune=requested.tune, mlflow=requested.mlflow, wandb=requested.wandb,
+    sections = {k.rstrip("."): getattr(requested, k.rstrip(".")) for k in FREE_SECTIONS}
+    return dataclasses.replace(trained, **top, **sections,
                                data=dataclasses.replace(trained.data, **data))

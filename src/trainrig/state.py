@@ -34,7 +34,9 @@ def _as_tuple(value: Any) -> Any:
 
 @dataclass
 class TrainState:
-    """Model (unwrapped), optimizer, per-step schedule, loss scaler, epochs done and their metrics."""
+    """Model (unwrapped), optimizer, per-step schedule, loss scaler, epochs done and their metrics, and the
+    position in the epoch under way: ``batch`` steps of it done (0 between epochs), their running metrics
+    in ``partial`` (summed over ranks: loss_sum, correct, seen, and the epoch's starting lr)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -42,6 +44,9 @@ class TrainState:
     scaler: torch.amp.GradScaler
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    batch: int = 0
+    global_step: int = 0
+    partial: dict[str, float] | None = None
 
     @classmethod
     def create(cls, cfg: Config, model: nn.Module, steps_per_epoch: int, device_type: str,
@@ -52,10 +57,13 @@ class TrainState:
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "16-mixed")
         return cls(model, optimizer, scheduler, scaler)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, partial: dict[str, float] | None = None) -> dict[str, Any]:
+        """Between epochs, or mid-epoch (``batch`` > 0) with that epoch's running metrics in ``partial``."""
+        position = {"batch": self.batch, "partial": dict(partial)} if self.batch and partial else {"batch": 0}
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "history": list(self.history), "rng": rng_state()}
+                "epoch": self.epoch, "history": list(self.history), "rng": rng_state(),
+                "global_step": self.global_step, **position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -65,3 +73,5 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.batch, self.partial = int(state.get("batch", 0)), state.get("partial")
+        self.global_step = int(state.get("global_step", 0))

@@ -71,6 +71,7 @@ class Stepper:
         self.device_type = strategy.device.type
         self.fused = any(g.get("fused") for g in state.optimizer.param_groups)
         self.pending: _Launched | None = None
+        self.epoch_lr = 0.0  # the lr the epoch under way started with (its metrics row reports it)
         self._reset()
 
     def _reset(self) -> None:
@@ -104,12 +105,30 @@ class Stepper:
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Settle the last step; the epoch's loss sum, correct count and samples on this rank."""
-        last, self.pending = self.pending, None
-        if last is not None:
-            self._recover([last]) if last.failed() else self._commit(last)
+        self._settle()
         totals = self.loss_sum, self.correct, self.seen
         self._reset()
         return totals
+
+    def _settle(self) -> None:
+        last, self.pending = self.pending, None
+        if last is not None:
+            self._recover([last]) if last.failed() else self._commit(last)
+
+    def running_totals(self) -> dict[str, float]:
+        """The epoch so far, summed over ranks (every rank calls it at the same step): what a mid-epoch
+        checkpoint stores so that the resumed epoch reports the metrics of an uninterrupted one."""
+        self._settle()
+        loss_sum, correct, seen = self.strategy.reduce([float(self.loss_sum), float(self.correct), self.seen])
+        return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "lr": self.epoch_lr}
+
+    def restore(self, partial: dict[str, float] | None, is_main: bool) -> None:
+        """Continue an epoch from a mid-epoch checkpoint: rank 0 carries the saved sums of every rank."""
+        if partial and is_main:
+            device = self.strategy.device
+            self.loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
+            self.correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
+            self.seen = int(partial["seen"])
 
     def _launch(self, x: torch.Tensor, y: torch.Tensor) -> _Launched:
         strategy, n = self.strategy, x.shape[0]

@@ -182,7 +182,8 @@ def _trial(params: dict[str, Any], base: dict) -> None:
                                   cfg.mlflow, experiment=cfg.mlflow.experiment or cfg.tune.name,
                                   tracking_uri=cfg.mlflow.tracking_uri or (trial_dir.parent / "mlruns").as_uri()))
     restored, run_dir = tune.get_checkpoint(), trial_dir / "fit"
-    if restored is not None:
+    if restored is not None:  # Ray's reported checkpoint is the trial's truth: later local saves go
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         with restored.as_directory() as folder:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(folder) / "last.pt", run_dir / "checkpoints" / "last.pt")
@@ -203,6 +204,13 @@ class TuneResult:
     best_metrics: dict[str, Any]
     best_config_path: Path
     trials: list[dict]
+    finished: int = 0  # trials that ran to their end (completed, stopped early or errored)
+    expected: int = 0  # trials of the complete search
+
+    @property
+    def interrupted(self) -> bool:
+        """The search was stopped (Ctrl-C) before every trial finished: its outputs are marked partial."""
+        return self.finished < self.expected
 
 
 def start_ray(cfg: Config) -> None:
@@ -306,16 +314,36 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
             run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(exp_dir.parent), verbose=1 if verbose else 0,
                                       progress_reporter=reporter,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
         )
-    grid = tuner.fit()
-    return summarise(cfg, grid, exp_dir)
+    grid = tuner.fit()  # Ctrl-C: Ray saves the experiment state and returns the trials so far
+    return summarise(cfg, grid, exp_dir, expected=expected_trials(cfg, parsed))
+
+
+def expected_trials(cfg: Config, parsed: dict[str, tuple[str, Any]]) -> int:
+    """Trials a complete search runs: num_samples for each combination of the grid entries."""
+    grids = [len(args) for dist, args in parsed.values()
+             if dist == "grid" or (dist == "choice" and cfg.tune.searcher == "grid")]
+    return cfg.tune.num_samples * math.prod(grids)
+
+
+def _unfinished(exp_dir: Path) -> set[str]:
+    """Folder names of trials neither terminated nor errored (running or pending when the search was
+    interrupted), as the experiment state Ray saved last says: in the returned grid Ray has already
+    marked the trials it stopped on Ctrl-C as terminated."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(exp_dir)).trials
+    except Exception:  # no state saved (nothing ran): nothing is unfinished
+        return set()
+    return {Path(t.path).name for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
 
 # ----------------------------------------------------------------------------- outputs
 
-def _trial_rows(cfg: Config, grid: Any) -> list[dict]:
-    rows = []
+def _trial_rows(cfg: Config, grid: Any, exp_dir: Path) -> list[dict]:
+    rows, unfinished = [], _unfinished(exp_dir)
     metric, better = cfg.tune.metric, (max if cfg.tune.mode == "max" else min)
     for result in grid:
         params = {k: v for k, v in (result.config or {}).items()}
@@ -323,7 +351,9 @@ def _trial_rows(cfg: Config, grid: Any) -> list[dict]:
         values = [] if history is None or metric not in history else [float(v) for v in history[metric]]
         epochs = len(values)
         target = int(params.get("epochs", cfg.epochs))
-        if result.error is not None:
+        if result.path and Path(result.path).name in unfinished:
+            reason = "interrupted"
+        elif result.error is not None:
             reason = f"error: {str(result.error).strip().splitlines()[-1][:200]}"
         elif epochs >= target:
             reason = "completed"
@@ -347,7 +377,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _plot(path: Path, rows: list[dict], metric: str) -> None:
+def _plot(path: Path, rows: list[dict], metric: str, partial: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,7 +388,8 @@ def _plot(path: Path, rows: list[dict], metric: str) -> None:
         curve = row["_curve"]
         style = "-o" if row["stop_reason"] == "completed" else "--x"
         ax.plot(range(1, len(curve) + 1), curve, style, label=f"{row['trial'][-12:]} ({row['stop_reason'][:20]})")
-    ax.set(xlabel="epoch", ylabel=metric, title="trials (dashed: stopped early or errored)")
+    ax.set(xlabel="epoch", ylabel=metric, title="trials (dashed: stopped early or errored)"
+           + ("\n" + partial.split(";")[0] if partial else ""))
     ax.grid(alpha=0.3)
     if len(rows) <= 12:
         ax.legend(fontsize=7)
@@ -367,15 +398,23 @@ def _plot(path: Path, rows: list[dict], metric: str) -> None:
     plt.close(fig)
 
 
-def summarise(cfg: Config, grid: Any, exp_dir: Path) -> TuneResult:
-    rows = _trial_rows(cfg, grid)
+def summarise(cfg: Config, grid: Any, exp_dir: Path, expected: int = 0) -> TuneResult:
+    rows = _trial_rows(cfg, grid, exp_dir)
+    finished = sum(row["stop_reason"] != "interrupted" for row in rows)
+    partial = (f"PARTIAL: search interrupted with {finished} of {expected} trials finished; "
+               f"trainer tune --resume continues it") if finished < expected else ""
     exp_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(exp_dir / "trials.csv", rows)
-    _plot(exp_dir / "trials.png", rows, cfg.tune.metric)
+    _plot(exp_dir / "trials.png", rows, cfg.tune.metric, partial)
+    (exp_dir / "PARTIAL").unlink(missing_ok=True)
+    if partial:
+        atomic_write_text(exp_dir / "PARTIAL", partial + "\n")
     try:
         best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
     except RuntimeError:
         best = None
+    if (best is None or best.config is None) and partial:
+        raise KeyboardInterrupt(partial)
     if best is None or best.config is None:
         raise ConfigError(f"no trial of {exp_dir} reported {cfg.tune.metric}; see trials.csv")
     params = dict(best.config)
@@ -383,12 +422,12 @@ def summarise(cfg: Config, grid: Any, exp_dir: Path) -> TuneResult:
     best_cfg = dataclasses.replace(best_cfg, name=f"{cfg.tune.name}_best", out_dir="runs",
                                    tune=config_mod.TuneSettings())
     best_path = exp_dir / "best.yaml"
-    header = (f"# best trial of {exp_dir.name}: {cfg.tune.metric} "
+    header = (f"# {partial}\n" if partial else "") + (f"# best trial of {exp_dir.name}: {cfg.tune.metric} "
               f"{best.metrics.get(cfg.tune.metric)} with {params}\n# trainer fit --config {best_path}\n")
     atomic_write_text(best_path, header + config_mod.dump(best_cfg))
     metrics = {k: best.metrics.get(k) for k in ("accuracy", "loss", "epoch")}
     return TuneResult(exp_dir, params, metrics, best_path, [{k: v for k, v in r.items() if not k.startswith("_")}
-                                                            for r in rows])
+                                                            for r in rows], finished, expected or finished)
 
 
 __all__ = ["run", "validate_space", "apply_params", "ray_space", "TuneResult", "experiment_dir"]

@@ -71,9 +71,10 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
 
 
-def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """Flips and crops: a stream of each rank's own, still a pure function of (seed, epoch, rank)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 65_537 + rank + 1) % 2**63)
+def augment_generator(seed: int, epoch: int, rank: int, batch: int = 0) -> torch.Generator:
+    """Flips and crops of one batch: each rank's own draws, a pure function of (seed, epoch, rank, batch),
+    so that a run resumed mid-epoch augments its remaining batches as an uninterrupted one does."""
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 65_537 + rank + 1) * 1_000_033 + batch) % 2**63)
 
 
 def shard_indices(n: int, rank: int, world: int, perm: torch.Tensor | None) -> torch.Tensor:
@@ -102,34 +103,36 @@ class TensorBatches:
         self.labels = labels.to(device) if keep_on_device else labels
         self.batch_size, self.transform, self.device = batch_size, transform, device
         self.train, self.seed, self.rank, self.world = train, seed, rank, world
-        self.epoch = 0
+        self.epoch = self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next pass is epoch ``epoch``, from its batch ``start`` (0-based; > 0 resumes mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
-    def _indices(self) -> tuple[torch.Tensor, torch.Generator | None]:
+    def _indices(self) -> torch.Tensor:
         n = self.labels.shape[0]
         if not self.train:
-            return shard_indices(n, self.rank, self.world, None), None
+            return shard_indices(n, self.rank, self.world, None)
         perm = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
-        return shard_indices(n, self.rank, self.world, perm), augment_generator(self.seed, self.epoch, self.rank)
+        return shard_indices(n, self.rank, self.world, perm)
 
     @property
     def num_samples(self) -> int:
-        return len(self._indices()[0]) if not self.train else math.ceil(self.labels.shape[0] / self.world)
+        return len(self._indices()) if not self.train else math.ceil(self.labels.shape[0] / self.world)
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest > 1 or (rest == 1 and not self.train) else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx, gen = self._indices()
-        idx = idx.to(self.images.device)
-        for start in range(0, len(idx), self.batch_size):
+        idx = self._indices().to(self.images.device)
+        first = self.start if self.train else 0
+        for batch, start in enumerate(range(first * self.batch_size, len(idx), self.batch_size), first):
             chunk = idx[start:start + self.batch_size]
             if self.train and len(chunk) == 1:
                 break  # BatchNorm cannot train on a single sample
-            x = self.transform(self.images[chunk], self.device, gen if self.train else None)
+            gen = augment_generator(self.seed, self.epoch, self.rank, batch) if self.train else None
+            x = self.transform(self.images[chunk], self.device, gen)
             yield x, self.labels[chunk].to(self.device, non_blocking=True)
 
 
@@ -138,13 +141,17 @@ class _EpochOrder(torch.utils.data.Sampler):
 
     def __init__(self, n: int, train: bool, seed: int, rank: int, world: int):
         self.n, self.train, self.seed, self.rank, self.world, self.epoch = n, train, seed, rank, world, 0
+        self.skip = 0  # samples of the epoch already trained on (a run resumed mid-epoch)
 
     def indices(self) -> torch.Tensor:
         perm = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)) if self.train else None
-        return shard_indices(self.n, self.rank, self.world, perm)
+        return shard_indices(self.n, self.rank, self.world, perm)[self.skip:]
+
+    def full_length(self) -> int:
+        return math.ceil(self.n / self.world) if self.train else len(range(self.rank, self.n, self.world))
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world) if self.train else len(range(self.rank, self.n, self.world))
+        return max(0, self.full_length() - self.skip)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
@@ -168,23 +175,26 @@ class LoaderBatches:
         self.dataset, self.transform, self.device, self.train = dataset, transform, device, train
         self.seed, self.epoch, self.rank = seed, 0, rank
         self.sampler = _EpochOrder(len(dataset), train, seed, rank, world)  # type: ignore[arg-type]
-        self.num_samples, self.batch_size = len(self.sampler), batch_size
+        self.num_samples, self.batch_size, self.start = len(self.sampler), batch_size, 0
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=num_workers > 0, multiprocessing_context=_worker_context(num_workers))
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """As TensorBatches.set_epoch: the sampler skips the ``start`` batches already trained on."""
         self.epoch = self.sampler.epoch = epoch
+        self.start = start if self.train else 0
+        self.sampler.skip = self.start * self.batch_size
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = augment_generator(self.seed, self.epoch, self.rank) if self.train else None
         with worker_errors():
-            for images, labels in self.loader:
+            for batch, (images, labels) in enumerate(self.loader, self.start):
                 if self.train and labels.shape[0] == 1:
                     break
+                gen = augment_generator(self.seed, self.epoch, self.rank, batch) if self.train else None
                 yield self.transform(images, self.device, gen), labels.to(self.device, non_blocking=True)
 
 

@@ -1,0 +1,87 @@
+"""Lost work per failure: SIGKILL `trainer fit --resume auto` at random moments, run the same command again,
+and measure what each kill cost (the last attempt is stopped once it has resumed).
+
+  redone   seconds of training between the newest checkpoint written before the kill and the kill: the
+           work the restarted run does again
+  restart  seconds from relaunching the command to the resumed run's first step (imports, data, model,
+           reading the checkpoint)
+
+By default the packaged config (ResNet18 on the real FashionMNIST) with the checkpoint defaults
+(every_minutes: 5, and every epoch end). Usage:
+  python benchmarks/lost_work.py [--kills 3] [--window 20 240] [--set KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def launch(cmd: list[str]) -> tuple[subprocess.Popen, dict[str, float]]:
+    """Start the command; note when its 'run folder:' line (training starts next) appears."""
+    seen: dict[str, float] = {}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def watch() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if line.startswith("run folder:") and "started" not in seen:
+                seen["started"] = time.time()
+                seen["resumed"] = float("(resumed" in line)
+    threading.Thread(target=watch, daemon=True).start()
+    return proc, seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--window", type=float, nargs=2, default=(20.0, 240.0),
+                        help="each kill lands this many seconds (uniform) after the attempt's first step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    out = Path(tempfile.mkdtemp(prefix="lost-work-"))
+    cmd = [sys.executable, "-m", "trainrig", "fit", "--resume", "auto", "--set", f"out_dir={out}",
+           "--set", "name=run", *(x for o in args.overrides for x in ("--set", o))]
+    last = out / "run" / "checkpoints" / "last.pt"
+    rows = []
+    for i in range(args.kills + 1):
+        launched = time.time()
+        proc, seen = launch(cmd)
+        while "started" not in seen and proc.poll() is None:
+            time.sleep(0.05)
+        restart = seen.get("started", time.time()) - launched
+        if i == args.kills:  # only its restart is measured: stop it (its run folder stays resumable)
+            proc.kill()
+            proc.wait()
+            print(f"last attempt: first step {restart:.1f} s after launch (resumed: {bool(seen.get('resumed'))})")
+            break
+        delay = rng.uniform(*args.window)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            print(f"the run ended before kill {i + 1}; use a wider config or a shorter --window")
+            break
+        proc.kill()
+        killed = time.time()
+        proc.wait()
+        saved = last.stat().st_mtime if last.is_file() else 0.0
+        redone = killed - max(saved, seen["started"])
+        rows.append((i + 1, delay, redone, restart))
+        print(f"kill {i + 1}: {delay:.0f} s into the attempt; training redone {redone:.1f} s "
+              f"(last save {killed - saved:.1f} s before the kill); this attempt reached its first step "
+              f"{restart:.1f} s after launch",
+              flush=True)
+    if rows:
+        mean = sum(r[2] for r in rows) / len(rows)
+        print(f"\nmean training redone per failure: {mean:.1f} s over {len(rows)} kills "
+              f"(max {max(r[2] for r in rows):.1f} s); cpu: {os.cpu_count()} cores; run folder {out / 'run'}")
+
+
+if __name__ == "__main__":
+    main()
