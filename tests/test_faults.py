@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
 import trainrig
 from trainrig import checkpoint
+from trainrig.cli import app
+
+from conftest import assert_exit_2
 
 RECIPE = ["data.flip=true", "data.crop_padding=2", "sched.name=cosine", "data.synthetic_train=128",
           "data.batch_size=16", "epochs=3"]  # 8 steps an epoch, augmentation and a per-step schedule
@@ -189,3 +193,16 @@ def test_a_killed_rank_restarts_the_group_spawned_and_under_torchrun(tiny_cfg, t
     assert "(resumed epoch 1 at batch 2 from epoch=1-step=2.pt)" in proc.stderr, proc.stderr[-2000:]
     assert proc.stdout.count("best test accuracy") == 1  # rank 0 alone reports
     assert_same_run(full, full.run_dir.parent / "torchrun")
+
+
+def test_an_unwritable_checkpoint_folder_is_one_line_exit_2(tiny_cfg, tmp_path):
+    """Where checkpoints cannot go (here a file stands where the folder should be: unwritable even for
+    root, who may write into read-only folders) the run stops with one line naming the file, exit 2."""
+    cfg = tiny_cfg("epochs=1", "name=blocked")
+    (tmp_path / "runs" / "blocked").mkdir(parents=True)
+    (tmp_path / "runs" / "blocked" / "checkpoints").write_text("in the way")
+    config = tmp_path / "blocked.yaml"
+    config.write_text(trainrig.config.dump(cfg))
+    result = CliRunner().invoke(app, ["fit", "-c", str(config), "--resume", "auto", "--quiet"])
+    assert_exit_2(result, "blocked/checkpoints/epoch=1-step=4.pt: cannot write the checkpoint")
+    assert (tmp_path / "runs" / "blocked" / "checkpoints").read_text() == "in the way"

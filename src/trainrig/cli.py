@@ -66,11 +66,16 @@ def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
         resume_mode: Optional[str] = typer.Argument(None, hidden=True, metavar="[auto]"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary."),
         batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Shortcut for --set data.batch_size=N|auto "
-                                                                            "(auto: the largest that fits).")) -> None:
+                                                                            "(auto: the largest that fits)."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this "
+                                                 "checkpoint (e.g. a tune trial's last.pt): --set model.weights=PATH.")
+        ) -> None:
     """Train a model as the config says; results go to <out_dir>/<name>/."""
     from .loop import fit as run_fit
 
-    cfg = _load(config, [*set_, *([f"data.batch_size={batch_size}"] if batch_size is not None else [])])
+    shortcuts = [*([f"data.batch_size={batch_size}"] if batch_size is not None else []),
+                 *([f"model.weights={init_from}"] if init_from is not None else [])]
+    cfg = _load(config, [*set_, *shortcuts])
     if resume_mode not in (None, "auto") or (resume_mode and not resume):
         raise config_mod.ConfigError(f"unexpected argument {resume_mode!r} (did you mean --resume auto?)")
     result = run_fit(cfg, resume="auto" if resume_mode else resume, progress="off" if quiet else "auto")

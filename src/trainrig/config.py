@@ -147,6 +147,19 @@ class TuneResources:
 
 
 @dataclass(frozen=True)
+class PBTSettings:
+    perturbation_interval: int = opt(1, "pbt: epochs between exploit/explore decisions.", min=1)
+    mutations: dict = opt(
+        {}, "pbt: dotted keys the search may change during training, written like search_space (e.g. "
+        "optim.lr: {loguniform: [1e-4, 1e-2]}); a restored trial continues with the new values in place (lr, "
+        "weight_decay, momentum of its optimizer). Empty = the search_space's keys.")
+    quantile_fraction: float = opt(0.25, "pbt: the bottom fraction copies (exploits) a top-fraction trial.",
+                                   min=0.0, max=0.5)
+    resample_probability: float = opt(0.25, "pbt: chance a mutated value is drawn afresh instead of perturbed.",
+                                      min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
 class TuneSettings:
     name: str = opt("tune", "Experiment name: its folder is <storage_path>/<name>.")
     search_space: dict = opt(
@@ -155,7 +168,10 @@ class TuneSettings:
     searcher: Literal["random", "grid", "hyperopt"] = opt(
         "hyperopt", "random (also runs grid entries), grid (every grid combination) or hyperopt (TPE).")
     n_initial_points: int = opt(4, "hyperopt: random trials before TPE starts modelling.", min=1)
-    scheduler: Literal["fifo", "asha", "hyperband"] = opt("fifo", "Trial scheduler; asha/hyperband stop poor trials early.")
+    scheduler: Literal["fifo", "asha", "hyperband", "pbt"] = opt(
+        "fifo", "Trial scheduler; asha/hyperband stop poor trials early; pbt (Population Based Training) copies good "
+        "trials' checkpoints into poor ones and mutates their hyperparameters during training (tune.pbt).")
+    pbt: PBTSettings = opt(PBTSettings(), "Population Based Training (scheduler: pbt).")
     max_t: Union[int, None] = opt(None, "asha/hyperband: most epochs a trial may run; null = the fit config's epochs.",
                                   min=1)
     grace_period: int = opt(1, "asha: epochs every trial runs before it can be stopped.", min=1)
@@ -175,6 +191,23 @@ class TuneSettings:
     reuse_actors: bool = opt(True, "Run the next trial in a finished trial's worker process (skips process start "
                              "and imports; trials then share one process's memory, one after another).")
     object_store_mb: int = opt(256, "Object store size of a local Ray, MB (trials exchange little data).", min=80)
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: Union[str, None] = opt(
+        None, "Ray cluster to join: auto (the one 'ray start' made on this machine) or ray://host:10001; null = "
+        "a local Ray on this machine.")
+    num_workers: int = opt(2, "Ray Train workers: the DDP ranks, one Ray worker process each.", min=1)
+    use_gpu: bool = opt(False, "One GPU per worker.")
+    resources_per_worker: dict = opt(
+        {}, "Ray resources each worker holds, e.g. {CPU: 4, GPU: 1}; {} = Ray's default (1 CPU, and 1 GPU with "
+        "use_gpu).")
+    storage_path: Union[str, None] = opt(
+        None, "Where Ray Train keeps its own run state (a shared folder or a cloud URI on a cluster); null = "
+        "<run folder>/ray.")
+    max_failures: int = opt(0, "Times the worker group is restarted after a worker dies; each start resumes the "
+                            "run folder from its newest checkpoint.", min=0)
 
 
 @dataclass(frozen=True)
@@ -214,6 +247,9 @@ class Config:
     grad_checkpointing: bool = opt(
         False, "Recompute each backbone block's activations in backward instead of storing them: less memory, "
         "more time.")
+    launcher: Literal["local", "ray"] = opt(
+        "local", "local: processes on this machine (spawned here, or torchrun's); ray: strategy ddp as Ray Train "
+        "workers on a Ray cluster (ray.*; out_dir and data.root must then be folders every node sees).")
     strategy: Literal["single", "dp", "ddp", "model_parallel"] = opt(
         "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | model_parallel "
         "(stages; torchvision ResNets).")
@@ -247,6 +283,7 @@ class Config:
     callbacks: list[dict] = opt(
         [], "Extra callbacks, each {class_path: package.module.Class, init_args: {...}}: a subclass of "
         "trainrig.callbacks.Callback, imported (never evaluated) and run after the built-in ones.")
+    ray: RaySettings = opt(RaySettings(), "launcher: ray - the Ray cluster and its workers.")
     tune: TuneSettings = opt(TuneSettings(), "Hyperparameter search with Ray Tune (trainer tune).")
 
 

@@ -76,7 +76,7 @@ class StepLogger(Callback):
 
 class CSVLogger(StepLogger):
     """metrics.csv (one row per epoch, rewritten from the whole history, so a resumed run's file equals an
-    uninterrupted one's) and steps.csv (step, epoch, train loss, lr every log_every_n_steps)."""
+    uninterrupted one's), steps.csv (step, epoch, train loss, lr every log_every_n_steps) and log.txt."""
 
     def on_fit_start(self, run: Any) -> None:
         self.steps = run.run_dir / "steps.csv"
@@ -90,6 +90,11 @@ class CSVLogger(StepLogger):
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
         report.write_metrics(run.run_dir, run.state.history)
+
+    def on_message(self, run: Any, text: str) -> None:
+        """log.txt: the run's messages (data, run folder, resumes, warnings, OOM recovery), every start's."""
+        with open(run.run_dir / "log.txt", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
 class TensorBoardLogger(StepLogger):

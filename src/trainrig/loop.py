@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError, TrainrigError
 from .launch import launch
 from .optim import build_optimizer
 from .progress import Progress, ProgressMode
-from .resume import resume_config
+from .resume import mutated, resume_config
 from .state import TrainState
 from .step import Stepper, autocast, full_precision
 from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy
@@ -168,12 +168,37 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
         raise ConfigError("fit: give both train_data and test_data, or neither")
     everything = [*cb.builtin(cfg, progress), *cb.from_specs(cfg.callbacks), *callbacks]
     parts = UserParts(model, train_data, test_data)
+    if cfg.launcher == "ray" and not DistEnv.from_environ().launched:
+        return _fit_on_ray(cfg, resume, parts, everything)
     if cfg.restarts and cfg.strategy == "ddp" and _resume_mode(cfg, resume) == "never" \
             and not DistEnv.from_environ().launched:
         # a restarted group must find this run's folder: pick (and create) it here, before the first start
         cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
     return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything,
                   again=functools.partial(_fit_worker, cfg, "auto", parts))
+
+
+def _fit_on_ray(cfg: Config, resume: bool | str, parts: UserParts, callbacks: Sequence[Callback]) -> FitResult:
+    """launcher: ray (ray_launch.py). The run folder is picked here, with absolute paths (Ray's workers run
+    elsewhere), and every start of the worker group resumes it: a restarted group goes on from its newest
+    checkpoint. The result is read back from the run folder's last checkpoint."""
+    from .ray_launch import fit_on_ray
+
+    started = time.perf_counter()
+    root = Path(cfg.data.root)
+    cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()), data=dataclasses.replace(
+        cfg.data, root=str(root.resolve()) if root.exists() else cfg.data.root))
+    if _resume_mode(cfg, resume) == "never":
+        cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
+    elif resume is True:
+        _run_dir(cfg, "strict")  # the checkpoint must exist and the recipe must match: say so before Ray starts
+    reported = fit_on_ray(cfg, functools.partial(_fit_worker, cfg, "auto", parts), callbacks)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)
+    history = list(saved["history"])
+    best = max(history, key=lambda r: r["test_acc"])
+    return FitResult(config_mod.load(raw=saved["config"]), run_dir, history, int(best["epoch"]),
+                     float(best["test_acc"]), time.perf_counter() - started, list(reported.get("checksums", [])))
 
 
 def _resume_mode(cfg: Config, resume: bool | str) -> str:
@@ -241,14 +266,18 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
                                         dtype=_dtype(cfg), splits=splits, local_world=env.local_world_size)
     run.state = TrainState.create(cfg, run.model, len(run.train), strategy.device.type, run.layout)
     if resumed:
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.state.optimizer.param_groups]
+        base_lrs = list(run.state.scheduler.base_lrs)
         run.state.load_state_dict(checkpoint.load(resumed))
+        run.state.adopt_hyperparameters(fresh, base_lrs)  # a PBT trial's mutated values; else a no-op
     if env.is_main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if restarted and mode == "never":
-        warnings.append(f"torchrun restart {restarted} without --resume auto: this attempt starts over in a new folder")
-    for warning in warnings:
-        run.log(f"warning: {warning}")
+        warnings.append(f"warning: torchrun restart {restarted} without --resume auto: this attempt starts over "
+                        f"in a new folder")
+    for line in warnings:
+        run.log(line)
     run.log(f"run folder: {run_dir}{_how(run.state, resumed, mode)}  strategy: {strategy.describe()}")
     return run
 
@@ -283,6 +312,10 @@ def _run_dir(cfg: Config, mode: str) -> tuple[Config, Path, Path | None, list[st
         raise CheckpointError(f"--resume: no checkpoint in {folder} (--resume auto starts the run when there is none)")
     saved, path, warnings = checkpoint.newest_readable(folder)
     trained = config_mod.load(raw=saved["config"])
+    warnings = [f"warning: {w}" for w in warnings]
+    changes = ", ".join(f"{k}={new!r} (was {old!r})" for k, (old, new) in mutated(trained, cfg).items())
+    if changes:
+        warnings.append(f"pbt: continuing {path.name} with {changes}, set in place")
     return resume_config(trained, cfg, int(saved["epoch"])), run_dir, path, warnings
 
 

@@ -65,6 +65,17 @@ class TrainState:
                 "epoch": self.epoch, "history": list(self.history), "rng": rng_state(),
                 "global_step": self.global_step, **position}
 
+    def adopt_hyperparameters(self, fresh: list[dict], base_lrs: list[float]) -> None:
+        """After loading a checkpoint: take the optimizer hyperparameters of the config this run was started
+        with (``fresh``: param groups as built from it), the schedule's position kept - how a PBT trial goes on
+        from another trial's checkpoint with mutated lr / weight decay / momentum. Unchanged values give the
+        same floats, so a plain resume is untouched."""
+        self.scheduler.base_lrs = list(base_lrs)
+        for group, new, base, factor in zip(self.optimizer.param_groups, fresh, base_lrs, self.scheduler.lr_lambdas):
+            group.update({k: v for k, v in new.items() if k not in ("params", "lr")})
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -2,26 +2,24 @@
 
 ``run(cfg)`` starts (or joins) Ray, runs the search with the configured searcher and scheduler, and
 writes into the experiment folder ``<storage_path>/<name>/``: ``best.yaml`` (a complete fit config),
-``trials.csv`` (one row per trial) and ``trials.png`` (each trial's metric per epoch).
+``trials.csv`` (one row per trial) and ``trials.png`` (each trial's metric per epoch): tune_results.py.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from .callbacks import Callback
-from .checkpoint import atomic_write_text
 from .config import Config
 from .errors import ConfigError
+from .ray_launch import start_ray
+from .tune_results import TuneResult, summarise
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "pow2", "grid")
 METRICS = {"accuracy": "test_acc", "loss": "test_loss", "train_accuracy": "train_acc", "train_loss": "train_loss"}
@@ -197,37 +195,6 @@ def _trial(params: dict[str, Any], base: dict) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-@dataclass(frozen=True)
-class TuneResult:
-    experiment_dir: Path
-    best_params: dict[str, Any]
-    best_metrics: dict[str, Any]
-    best_config_path: Path
-    trials: list[dict]
-    finished: int = 0  # trials that ran to their end (completed, stopped early or errored)
-    expected: int = 0  # trials of the complete search
-
-    @property
-    def interrupted(self) -> bool:
-        """The search was stopped (Ctrl-C) before every trial finished: its outputs are marked partial."""
-        return self.finished < self.expected
-
-
-def start_ray(cfg: Config) -> None:
-    """Join ``tune.address`` or start a small local Ray (once per process; later calls do nothing)."""
-    import ray
-
-    settings = cfg.tune
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
-                                  logging_level="ERROR")
-    if settings.address:
-        ray.init(address=settings.address, **kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=settings.object_store_mb * 2**20, **kwargs)
-
-
 def _check_resources(cfg: Config) -> int:
     """Concurrent trials the cluster can hold; a GPU request where there is none is an error, not a hang."""
     import ray
@@ -258,8 +225,19 @@ def _searcher(cfg: Config, concurrency: int):
     return ConcurrencyLimiter(algo, max_concurrent=concurrency)
 
 
+def pbt_mutations(cfg: Config) -> dict[str, tuple[str, Any]]:
+    """tune.pbt.mutations (or the search space) checked like a search space; grid entries cannot mutate."""
+    space = cfg.tune.pbt.mutations or cfg.tune.search_space
+    parsed = validate_space(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, search_space=space,
+                                                                               searcher="random")))
+    for key, (dist, _) in parsed.items():
+        if dist == "grid":
+            raise ConfigError(f"tune.pbt.mutations.{key}: grid cannot mutate; use choice, uniform, loguniform ...")
+    return parsed
+
+
 def _scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
 
     s = cfg.tune
     rungs: dict[str, Any] = {"time_attr": "training_iteration", "max_t": s.max_t or cfg.epochs}
@@ -269,6 +247,10 @@ def _scheduler(cfg: Config):
         "fifo": lambda: FIFOScheduler(),
         "asha": lambda: ASHAScheduler(grace_period=s.grace_period, **rungs),
         "hyperband": lambda: HyperBandScheduler(**rungs),
+        "pbt": lambda: PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=s.pbt.perturbation_interval,
+            hyperparam_mutations=ray_space(pbt_mutations(cfg), "random"), quantile_fraction=s.pbt.quantile_fraction,
+            resample_probability=s.pbt.resample_probability),
     }
     return builders[s.scheduler]()
 
@@ -282,6 +264,10 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
     if cfg.tune.metric not in METRICS:
         raise ConfigError(f"tune.metric: expected one of {', '.join(METRICS)}, got {cfg.tune.metric!r}")
     parsed = validate_space(cfg)
+    if cfg.tune.scheduler == "pbt":
+        if cfg.tune.searcher == "hyperopt":
+            raise ConfigError("tune.scheduler: pbt explores by itself; set tune.searcher: random (or grid)")
+        pbt_mutations(cfg)
     exp_dir = experiment_dir(cfg)
     if resume and not exp_dir.is_dir():
         raise ConfigError(f"--resume: no experiment at {exp_dir}")
@@ -294,7 +280,7 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
     except ImportError:
         raise ConfigError("trainer tune needs Ray Tune: pip install 'trainrig[tune]'") from None
 
-    start_ray(cfg)
+    start_ray(cfg.tune.address, cfg.tune.object_store_mb)
     concurrency = _check_resources(cfg)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(concurrency)
     res = cfg.tune.resources_per_trial
@@ -313,7 +299,8 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
                                         max_concurrent_trials=concurrency, reuse_actors=cfg.tune.reuse_actors),
             run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(exp_dir.parent), verbose=1 if verbose else 0,
                                       progress_reporter=reporter,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      checkpoint_config=tune.CheckpointConfig(  # PBT restores other trials: keep more
+                                          num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
                                       failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
         )
     grid = tuner.fit()  # Ctrl-C: Ray saves the experiment state and returns the trials so far
@@ -325,109 +312,6 @@ def expected_trials(cfg: Config, parsed: dict[str, tuple[str, Any]]) -> int:
     grids = [len(args) for dist, args in parsed.values()
              if dist == "grid" or (dist == "choice" and cfg.tune.searcher == "grid")]
     return cfg.tune.num_samples * math.prod(grids)
-
-
-def _unfinished(exp_dir: Path) -> set[str]:
-    """Folder names of trials neither terminated nor errored (running or pending when the search was
-    interrupted), as the experiment state Ray saved last says: in the returned grid Ray has already
-    marked the trials it stopped on Ctrl-C as terminated."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        trials = ExperimentAnalysis(str(exp_dir)).trials
-    except Exception:  # no state saved (nothing ran): nothing is unfinished
-        return set()
-    return {Path(t.path).name for t in trials if t.status not in ("TERMINATED", "ERROR")}
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def _trial_rows(cfg: Config, grid: Any, exp_dir: Path) -> list[dict]:
-    rows, unfinished = [], _unfinished(exp_dir)
-    metric, better = cfg.tune.metric, (max if cfg.tune.mode == "max" else min)
-    for result in grid:
-        params = {k: v for k, v in (result.config or {}).items()}
-        history = result.metrics_dataframe
-        values = [] if history is None or metric not in history else [float(v) for v in history[metric]]
-        epochs = len(values)
-        target = int(params.get("epochs", cfg.epochs))
-        if result.path and Path(result.path).name in unfinished:
-            reason = "interrupted"
-        elif result.error is not None:
-            reason = f"error: {str(result.error).strip().splitlines()[-1][:200]}"
-        elif epochs >= target:
-            reason = "completed"
-        else:
-            reason = f"stopped early by {cfg.tune.scheduler}"
-        rows.append({"trial": Path(result.path).name if result.path else "?", **{f"param:{k}": v for k, v in params.items()},
-                     f"final_{metric}": values[-1] if values else float("nan"),
-                     f"best_{metric}": better(values) if values else float("nan"),
-                     "epochs_run": epochs, "stop_reason": reason, "_curve": values})
-    return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns and not k.startswith("_")]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _plot(path: Path, rows: list[dict], metric: str, partial: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        curve = row["_curve"]
-        style = "-o" if row["stop_reason"] == "completed" else "--x"
-        ax.plot(range(1, len(curve) + 1), curve, style, label=f"{row['trial'][-12:]} ({row['stop_reason'][:20]})")
-    ax.set(xlabel="epoch", ylabel=metric, title="trials (dashed: stopped early or errored)"
-           + ("\n" + partial.split(";")[0] if partial else ""))
-    ax.grid(alpha=0.3)
-    if len(rows) <= 12:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def summarise(cfg: Config, grid: Any, exp_dir: Path, expected: int = 0) -> TuneResult:
-    rows = _trial_rows(cfg, grid, exp_dir)
-    finished = sum(row["stop_reason"] != "interrupted" for row in rows)
-    partial = (f"PARTIAL: search interrupted with {finished} of {expected} trials finished; "
-               f"trainer tune --resume continues it") if finished < expected else ""
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(exp_dir / "trials.csv", rows)
-    _plot(exp_dir / "trials.png", rows, cfg.tune.metric, partial)
-    (exp_dir / "PARTIAL").unlink(missing_ok=True)
-    if partial:
-        atomic_write_text(exp_dir / "PARTIAL", partial + "\n")
-    try:
-        best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
-    except RuntimeError:
-        best = None
-    if (best is None or best.config is None) and partial:
-        raise KeyboardInterrupt(partial)
-    if best is None or best.config is None:
-        raise ConfigError(f"no trial of {exp_dir} reported {cfg.tune.metric}; see trials.csv")
-    params = dict(best.config)
-    best_cfg = apply_params(cfg, params)
-    best_cfg = dataclasses.replace(best_cfg, name=f"{cfg.tune.name}_best", out_dir="runs",
-                                   tune=config_mod.TuneSettings())
-    best_path = exp_dir / "best.yaml"
-    header = (f"# {partial}\n" if partial else "") + (f"# best trial of {exp_dir.name}: {cfg.tune.metric} "
-              f"{best.metrics.get(cfg.tune.metric)} with {params}\n# trainer fit --config {best_path}\n")
-    atomic_write_text(best_path, header + config_mod.dump(best_cfg))
-    metrics = {k: best.metrics.get(k) for k in ("accuracy", "loss", "epoch")}
-    return TuneResult(exp_dir, params, metrics, best_path, [{k: v for k, v in r.items() if not k.startswith("_")}
-                                                            for r in rows], finished, expected or finished)
 
 
 __all__ = ["run", "validate_space", "apply_params", "ray_space", "TuneResult", "experiment_dir"]

@@ -1,0 +1,86 @@
+"""launcher: ray - the same DDP fit as a Ray Train ``TorchTrainer`` on a Ray cluster.
+
+Ray places ``ray.num_workers`` workers (a GPU each with ``ray.use_gpu``), sets RANK / WORLD_SIZE /
+LOCAL_RANK and the process group up, and restarts the whole group after a failure (``ray.max_failures``).
+Each worker runs the ordinary fit worker, which joins Ray's group as it joins torchrun's (launch.py);
+the run folder is pinned before the first start and every start resumes it from its newest checkpoint, so
+a restarted group loses only the work since the last save. We write no cluster code: placement, process
+groups and restarts are Ray Train's.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .callbacks import Callback
+from .config import Config
+from .errors import ConfigError, TrainrigError
+from .launch import WorkerFailed, backend_for
+
+
+def start_ray(address: str | None, object_store_mb: int = 256, *, log_to_driver: bool = False) -> None:
+    """Join ``address`` (``auto``: the cluster ``ray start`` made on this machine; ray://host:10001) or start
+    a small local Ray (once per process; later calls do nothing). Shared by trainer tune and launcher: ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=True,
+                                  logging_level="ERROR")
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise ConfigError(f"address {address!r}: no Ray cluster to join there ({exc}); start one with "
+                              f"'ray start --head' or leave the address null for a local Ray") from None
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20,
+                 **kwargs)  # "local": a new Ray of our own, never one an address file points at
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker: the fit worker in the group Ray set up; rank 0 reports its result."""
+    import ray.train
+
+    from .launch import launch
+
+    result = launch(config["cfg"], config["worker"], config["callbacks"])
+    ray.train.report({} if result is None else {  # a barrier: every worker reports, the driver sees rank 0's
+        "best_test_acc": result.best_test_acc, "best_epoch": result.best_epoch,
+        "checksums": list(result.param_checksums)})
+
+
+def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """Run ``worker`` (resuming its run folder, see module doc) on ``ray.num_workers`` Ray Train workers;
+    returns rank 0's report."""
+    if cfg.strategy != "ddp":
+        raise ConfigError(f"launcher: ray runs strategy: ddp on Ray's workers (got strategy: {cfg.strategy})")
+    if any(cb.in_launcher for cb in callbacks):
+        raise ConfigError("launcher: ray: callbacks with in_launcher = True have no launcher process to run in")
+    try:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError:
+        raise ConfigError("launcher: ray needs Ray Train: pip install 'trainrig[tune]'") from None
+    start_ray(cfg.ray.address, log_to_driver=True)  # the workers' progress lines show here
+    settings = cfg.ray
+    storage = settings.storage_path or str(Path(cfg.out_dir).resolve() / cfg.name / "ray")
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": cfg, "worker": worker, "callbacks": list(callbacks)},
+        torch_config=TorchConfig(backend=backend_for(cfg), timeout_s=int(cfg.dist_timeout_s)),
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                     resources_per_worker=dict(settings.resources_per_worker) or None),
+        run_config=RunConfig(name=cfg.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=settings.max_failures)),
+    )
+    try:
+        result = trainer.fit()
+    except TrainrigError:
+        raise
+    except Exception as exc:  # Ray wraps a worker's error; keep its last line
+        text = str(exc).strip().splitlines()
+        cause = next((line for line in reversed(text) if "Error" in line), text[-1] if text else repr(exc))
+        raise WorkerFailed(f"launcher: ray: the worker group failed: {cause.strip()}") from None
+    return dict(result.metrics or {})
