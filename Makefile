@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadfile  # 3 workers (tests wait on process starts), a module each
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test module each at a time
 
 data: $(STAMP)
 	$(PY) -m trainrig data

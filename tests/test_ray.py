@@ -29,12 +29,14 @@ def ray_cluster(tmp_path):
                              "--port", address.split(":")[1], "--num-cpus", "2",
                              "--include-dashboard", "false", "--disable-usage-stats"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
+
+    def ready() -> None:  # the test does its own work meanwhile
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in log.read_text() and head.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert "Ray runtime started" in log.read_text(), log.read_text()[-2000:]
-        yield env, address
+    try:
+        yield env, address, ready
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -51,7 +53,8 @@ def test_ray_workers_train_like_spawned_ddp_and_survive_a_killed_worker(tiny_cfg
     marker = tmp_path / "killed.txt"
     kill = f"callbacks=[{{class_path: faults.KillOnce, init_args: {{rank: 1, step: 3, marker: '{marker}'}}}}]"
     config = tmp_path / "ray.yaml"
-    env, address = ray_cluster
+    env, address, ready = ray_cluster
+    ready()
     config.write_text(trainrig.config.dump(tiny_cfg(*DDP, "name=onray", "launcher=ray", f"ray.address={address}",
                                                     "ray.num_workers=2", "ray.max_failures=1", kill)))
     proc = subprocess.run([sys.executable, "-m", "trainrig", "fit", "-c", str(config)], capture_output=True,
