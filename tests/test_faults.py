@@ -184,9 +184,9 @@ def test_a_killed_rank_restarts_the_group_spawned_and_under_torchrun(tiny_cfg, t
     marker = tmp_path / "torchrun-killed.txt"
     kill = f"callbacks=[{{class_path: faults.KillOnce, init_args: {{rank: 1, step: 3, marker: '{marker}'}}}}]"
     config = tmp_path / "torchrun.yaml"
-    config.write_text(trainrig.config.dump(tiny_cfg(*DDP, "name=torchrun", kill)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
-           "-m", "trainrig", "fit", "-c", str(config), "--resume", "auto"]
+    config.write_text(trainrig.config.dump(tiny_cfg(*DDP, "name=torchrun", "dist_timeout_s=60", kill)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
+           "--max-restarts", "2", "-m", "trainrig", "fit", "-c", str(config), "--resume", "auto"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.is_file(), "rank 1 was never killed"
