@@ -56,3 +56,14 @@ def assert_exit_2(result, message: str) -> None:
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+# The slowest modules first: pytest-xdist (--dist loadfile) hands out whole modules in this order, so the
+# two workers start on the long ones and finish together on the short ones.
+SLOW_FIRST = ("test_ray", "test_tune_survival", "test_faults", "test_memory", "test_tune", "test_own",
+              "test_distributed", "test_notebook")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: order within a module kept
