@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from .callbacks import Callback
 from .config import Config
 from .errors import ConfigError, TrainrigError
-from .launch import WorkerFailed, backend_for
+from .launch import WorkerFailed
 
 
 def start_ray(address: str | None, object_store_mb: int = 256, *, log_to_driver: bool = False) -> None:
@@ -51,6 +51,12 @@ def _worker_loop(config: dict) -> None:
         "checksums": list(result.param_checksums)})
 
 
+def _backend(cfg: Config) -> str:
+    """The workers' backend: decided by where they run (a GPU each with ray.use_gpu), not by the driver's
+    machine, which may have no GPU."""
+    return cfg.backend if cfg.backend != "auto" else "nccl" if cfg.ray.use_gpu else "gloo"
+
+
 def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> dict[str, Any]:
     """Run ``worker`` (resuming its run folder, see module doc) on ``ray.num_workers`` Ray Train workers;
     returns rank 0's report."""
@@ -69,7 +75,7 @@ def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> 
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg, "worker": worker, "callbacks": list(callbacks)},
-        torch_config=TorchConfig(backend=backend_for(cfg), timeout_s=int(cfg.dist_timeout_s)),
+        torch_config=TorchConfig(backend=_backend(cfg), timeout_s=int(cfg.dist_timeout_s)),
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=dict(settings.resources_per_worker) or None),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
