@@ -1,10 +1,31 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU machine: the gpu-marked tests, then training throughput.
-# Usage (repository root): bash benchmarks/gpu_check.sh   -> results to paste into benchmarks/RESULTS.md
+# One prepared command for a lent GPU machine (the device tool), under 8 minutes:
+#   1. the gpu-marked tests: nccl DDP on 1 GPU, model parallel on cuda:0,cuda:0, real CUDA OOM recovery,
+#      16-mixed and bf16-mixed (with EMA and flip TTA), the DDP OOM agreement on CUDA;
+#   2. images/s at batch 128: the source notes' loop (DataLoader + ToTensor) vs trainrig (batches on the GPU);
+#   3. the fast recipe's time to 91.5% test accuracy (configs/fashion_resnet18_fast.yaml, seed 0).
+# The device machine has python3 with torch, torchvision, typer, rich, pyyaml, pytest but no internet and no
+# FashionMNIST: copy the four files into ./data (ignored by git) and carry it:
+#   mkdir -p data && cp /usr/share/datasets/fashion-mnist/* data/
+#   device run: command "bash benchmarks/gpu_check.sh", carry ["data"]
+# Everything printed also goes to $OUT/gpu_check.md (when OUT is set): paste it into benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install -q -e ".[dev]"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-.venv/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-.venv/bin/python -m pytest -m gpu -q -x tests/test_gpu.py 2>&1 | tail -n 20
-.venv/bin/python benchmarks/throughput.py --threads 8 --images 7680 2>&1 | tail -n 5
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRAINRIG_DATA="$PWD/data"
+LOG="${OUT:-/tmp}/gpu_check.md"
+{
+  echo "## GPU check ($(date -u +%F))"
+  echo '```'
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+  echo "--- pytest -m gpu"
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
+  echo "--- throughput, batch 128 (plain loop vs trainrig)"
+  timeout 90 $PY benchmarks/throughput.py --threads 8 --batch-sizes 128 --images 25600 2>&1 | tail -n 3
+  echo "--- time to 91.5% (fast recipe, seed 0)"
+  timeout 120 $PY benchmarks/time_to_accuracy.py --seeds 0 --targets 91.5 92.5 --set data.root=data \
+    --set threads=8 2>&1 | tail -n 8
+  echo '```'
+} 2>&1 | tee "$LOG"

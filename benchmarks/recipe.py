@@ -1,8 +1,11 @@
-"""Recipe experiments that chose the default config: accuracy per minute on real FashionMNIST.
+"""Recipe experiments on real FashionMNIST: accuracy after each epoch, and minutes, per recipe.
 
-Each recipe is a list of ``--set`` overrides on ``configs/fashion_resnet18.yaml``; the script trains it
-with ``trainrig.fit`` and prints test accuracy and minutes per epoch. Results measured on the 2-core
-CPU are recorded in benchmarks/RESULTS.md. Run: ``python benchmarks/recipe.py default adam_const``.
+Each recipe is a list of ``--set`` overrides on ``configs/fashion_resnet18.yaml``; the script trains it with
+``trainrig.fit`` and prints test accuracy per epoch and minutes. ``--probe-ema 0.99 0.998`` also keeps
+moving averages of the weights with those decays and ``--probe-tta`` evaluates with flip test-time
+augmentation, at every epoch end, from the same training run (their evaluation time is not counted), so
+one run answers "would EMA / TTA help this recipe". Results measured on the 2-core CPU are recorded in
+benchmarks/RESULTS.md. Run: ``python benchmarks/recipe.py e3 e3_ls_b64 --probe-ema 0.995 0.998 --probe-tta``.
 """
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import argparse
 
 import trainrig
 from trainrig.config import default_config_path
+from trainrig.ema import WeightAverage
+from trainrig.loop import evaluate
 
+FAST = ["epochs=3", "optim.label_smoothing=0.1", "data.batch_size=64"]
 RECIPES: dict[str, list[str]] = {
     # the shipped default: AdamW + one-cycle schedule + horizontal flips, batch 128, 5 epochs
     "default": [],
@@ -21,17 +27,58 @@ RECIPES: dict[str, list[str]] = {
                          "optim.label_smoothing=0.1", "sched.name=onecycle", "data.crop_padding=2"],
     # the default with cosine decay instead of one-cycle
     "adamw_cosine": ["sched.name=cosine", "sched.warmup_epochs=0.3"],
+    # issue 14: 3-epoch recipes
+    "e3": ["epochs=3"],
+    "e3_ls_b64": FAST,
+    "e3_ls_b64_crop1": FAST + ["data.crop_padding=1"],
+    "e3_ls_b64_lr3": FAST + ["optim.lr=3e-3"],
+    "e3_ls_b32": FAST + ["data.batch_size=32", "optim.lr=1.5e-3"],
+    "e3_ls_b64_nopool": FAST + ["model.stem_pool=false"],
 }
+
+
+class Probe(trainrig.Callback):
+    """Side evaluations at each epoch end: the trained weights with flips, and moving averages of the
+    weights (each with and without flips). Prints them; their time is not in the rows' seconds."""
+
+    def __init__(self, decays: list[float], tta: bool):
+        self.decays, self.tta = decays, tta
+        self.averages: dict[float, WeightAverage] = {}
+
+    def on_epoch_start(self, run, epoch, batches):
+        if not self.averages:
+            self.averages = {d: WeightAverage.start(run.model) for d in self.decays}
+
+    def on_train_batch_end(self, run, step, loss):
+        for decay, avg in self.averages.items():
+            avg.update(run.model, decay)
+
+    def on_epoch_end(self, run, row):
+        parts = []
+        views = ("none", "flip") if self.tta else ("none",)
+        if self.tta:
+            parts.append(f"weights+flip {self._acc(run, 'flip'):.2f}")
+        for decay, avg in self.averages.items():
+            with avg.swapped_into(run.model):
+                parts.append(f"ema {decay}: " + "/".join(f"{self._acc(run, v):.2f}" for v in views))
+        print(f"  probe epoch {int(row['epoch'])}: " + ", ".join(parts), flush=True)
+
+    @staticmethod
+    def _acc(run, tta: str) -> float:
+        return 100 * evaluate(run.model, run.test, precision=run.cfg.precision, tta=tta)["test_acc"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("recipes", nargs="+", choices=sorted(RECIPES))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every recipe")
+    parser.add_argument("--probe-ema", type=float, nargs="*", default=[], help="EMA decays to evaluate on the side")
+    parser.add_argument("--probe-tta", action="store_true", help="also evaluate with flip test-time augmentation")
     args = parser.parse_args()
     for name in args.recipes:
         cfg = trainrig.load_config(default_config_path(), RECIPES[name] + [f"name=recipe_{name}"] + args.extra)
-        result = trainrig.fit(cfg, progress="lines")
+        probe = Probe(args.probe_ema, args.probe_tta)
+        result = trainrig.fit(cfg, progress="lines", callbacks=[probe] if args.probe_ema or args.probe_tta else [])
         accs = ", ".join(f"{100 * r['test_acc']:.2f}" for r in result.history)
         minutes = sum(r["seconds"] for r in result.history) / 60
         print(f"{name}: test acc per epoch [{accs}] in {minutes:.1f} min; best {100 * result.best_test_acc:.2f}%",

@@ -105,3 +105,12 @@ class KillOnce(Callback):
                 and not Path(self.marker).exists():
             Path(self.marker).write_text(f"killed rank {self.rank} at step {self.step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveAverage(Callback):
+    """Every rank writes its weight average (model.ema) to <run_dir>/ema-rank<R>.pt at the end of fit."""
+
+    rank_zero_only = False
+
+    def on_fit_end(self, run) -> None:
+        torch.save(run.state.ema.tensors, run.run_dir / f"ema-rank{run.strategy.env.rank}.pt")

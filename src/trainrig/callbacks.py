@@ -6,17 +6,19 @@ picklable (defined at module level, holding plain data); one with ``in_launcher 
 in the process that called ``fit`` and receives rank 0's ``on_fit_start`` / ``on_epoch_end`` /
 ``on_fit_end`` with a ``RunInfo`` (cfg and run_dir only), e.g. Tune reporting.
 
-Built in (in this order before the user's): progress, curves.png, checkpoints, then the configured loggers
-(loggers.py: metrics.csv/steps.csv by default, TensorBoard, MLflow, W&B).
+Built in (in this order before the user's): progress, curves.png, the weight average (model.ema), checkpoints,
+then the configured loggers (loggers.py: metrics.csv/steps.csv by default, TensorBoard, MLflow, W&B).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import checkpoint, config as config_mod, report
+from .ema import WeightAverage
 from .errors import ConfigError
 from .imports import construct, import_object
 from .progress import Progress, ProgressMode, make_progress
@@ -46,6 +48,12 @@ class Callback:
     def on_train_batch_end(self, run: Any, step: int, loss: Any) -> None:
         """After an optimizer step; ``loss`` is the batch's mean loss as a device tensor (call ``.item()``
         only when you log it: it waits for the device)."""
+
+    def on_evaluate_start(self, run: Any) -> None:
+        """The epoch's training is done (BatchNorm statistics synchronised); the test pass starts."""
+
+    def on_evaluate_end(self, run: Any) -> None:
+        """The test pass is done (also when it raised)."""
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
         """``row``: the epoch's metrics as floats (epoch, lr, train_loss, train_acc, test_loss, test_acc, ...)."""
@@ -120,6 +128,37 @@ class CurvesPlot(Callback):
         report.plot_curves(run.run_dir, run.state.history, title=run.cfg.name)
 
 
+class WeightAveraging(Callback):
+    """model.ema: starts the average (a copy of the weights) when epoch start_epoch + 1 begins, updates it every
+    every_n_steps optimizer steps and evaluates with it. It runs on every rank: DDP ranks update equal
+    parameters, and rank 0's averaged BatchNorm buffers are broadcast before each test pass, so every rank
+    holds the same average. The TrainState carries it (saved, resumed)."""
+
+    rank_zero_only = False
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.swap = contextlib.ExitStack()
+
+    def on_epoch_start(self, run: Any, epoch: int, batches: int) -> None:
+        if run.state.ema is None and epoch > self.settings.start_epoch:
+            run.state.ema = WeightAverage.start(run.model)
+
+    def on_train_batch_end(self, run: Any, step: int, loss: Any) -> None:
+        if run.state.ema is not None and run.state.global_step % self.settings.every_n_steps == 0:
+            run.state.ema.update(run.model, self.settings.decay)
+
+    def on_evaluate_start(self, run: Any) -> None:
+        if run.state.ema is None:
+            return
+        self.swap.enter_context(run.state.ema.swapped_into(run.model))
+        run.strategy.sync_buffers(run.model)
+        run.state.ema.take_buffers(run.model)
+
+    def on_evaluate_end(self, run: Any) -> None:
+        self.swap.close()
+
+
 class Checkpointing(Callback):
     """Saves at every epoch end and, with checkpoint.every_n_steps / every_minutes, mid-epoch with the
     position in the epoch; keeps keep_last newest and save_top_k best (checkpoint.py names the files).
@@ -169,10 +208,12 @@ class Checkpointing(Callback):
 
 
 def builtin(cfg: Any, progress: ProgressMode | Progress = "auto") -> list[Callback]:
-    """Progress, curves.png and checkpoints, then the configured loggers (loggers.py)."""
+    """Progress, curves.png, the weight average (when model.ema.decay is set) and checkpoints, then the
+    configured loggers (loggers.py)."""
     from .loggers import make_loggers
 
-    return [ProgressCallback(progress), CurvesPlot(), Checkpointing(), *make_loggers(cfg)]
+    average = [WeightAveraging(cfg.model.ema)] if cfg.model.ema.decay else []
+    return [ProgressCallback(progress), CurvesPlot(), *average, Checkpointing(), *make_loggers(cfg)]
 
 
 def from_specs(specs: Sequence[dict]) -> list[Callback]:

@@ -25,6 +25,7 @@ err = Console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: the packaged FashionMNIST ResNet18).")
 SetOpt = typer.Option([], "--set", "-s", help="Override one key, e.g. --set optim.lr=3e-4 (repeatable).")
+TTAOpt = typer.Option(None, "--tta", help="Test-time augmentation: none | flip (default: the run's eval.tta).")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -144,12 +145,13 @@ def tune_table(result) -> Table:
 @app.command("eval")
 @user_errors
 def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
-          set_: List[str] = SetOpt) -> None:
+          tta: Optional[str] = TTAOpt, set_: List[str] = SetOpt) -> None:
     """Evaluate a saved checkpoint on its config's test set."""
     from .loop import evaluate_checkpoint
 
-    res = evaluate_checkpoint(checkpoint, set_)
-    out.print(f"{checkpoint} (epoch {res['epoch']}): test loss {res['test_loss']:.4f}, "
+    res = evaluate_checkpoint(checkpoint, [*set_, *([f"eval.tta={tta}"] if tta else [])])
+    views = f", tta {tta}" if tta else ""
+    out.print(f"{checkpoint} (epoch {res['epoch']}{views}): test loss {res['test_loss']:.4f}, "
               f"test accuracy {_pct(res['test_acc'])} on {res['test_samples']} images")
 
 
@@ -172,12 +174,12 @@ def data_cmd(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) -> No
 def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
             checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
             top_k: int = typer.Option(3, "--top-k", min=1, help="Classes shown per image."),
-            out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions to this CSV.")
-            ) -> None:
+            out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions to this CSV."),
+            tta: Optional[str] = TTAOpt) -> None:
     """Label images with a trained model; preprocessing comes from the checkpoint."""
     from .inference import predict as run_predict, write_csv
 
-    preds = run_predict(checkpoint, paths, top_k=top_k)
+    preds = run_predict(checkpoint, paths, top_k=top_k, tta=tta)
     table = Table(title=f"{len(preds)} images, {checkpoint}")
     table.add_column("image", overflow="fold")
     for i in range(1, max((len(p.classes) for p in preds), default=0) + 1):

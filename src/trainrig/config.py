@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -17,15 +17,7 @@ import yaml
 
 from .convert import convert as _convert, load_yaml
 from .errors import ConfigError
-
-
-def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        min_exclusive: bool = False) -> Any:
-    """A config field: its default, its help text and an optional numeric range."""
-    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from .settings import MLflowSettings, RaySettings, TuneSettings, WandbSettings, opt
 
 
 @dataclass(frozen=True)
@@ -76,6 +68,17 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EMASettings:
+    decay: Union[float, None] = opt(
+        None, "Exponential moving average of the weights and BatchNorm buffers, e.g. 0.999 (per update); null = "
+        "off. When on, evaluation, best.pt, predict and export use the averaged weights. The n-th update uses "
+        "min(decay, (1 + n) / (10 + n)), so the first weights fade fast.", min=0.0, max=1.0, min_exclusive=True)
+    every_n_steps: int = opt(1, "Optimizer steps between updates of the average.", min=1)
+    start_epoch: int = opt(0, "Epochs trained before the average starts (a copy of the weights then); until "
+                           "then evaluation uses the trained weights.", min=0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = opt("resnet18", "Any torchvision classification model (torchvision.models.list_models), or "
                     "timm/<name> with timm installed (pip install 'trainrig[timm]').")
@@ -98,7 +101,10 @@ class ModelConfig:
     unfreeze_every: int = opt(1, "gradual: epochs between unfreezing the next backbone stage.", min=1)
     backbone_lr_scale: float = opt(
         1.0, "Learning-rate multiplier for pretrained backbone parameters (new layers use optim.lr).", min=0.0)
+    stem_pool: bool = opt(True, "Keep the max-pool after the first conv (ResNet family); false keeps twice the "
+                          "resolution through the network: more accurate on small images like 28x28, more compute.")
     channels_last: bool = opt(True, "Use the channels_last memory format (faster convolutions on CPU and GPU).")
+    ema: EMASettings = opt(EMASettings(), "Moving average of the weights (model.ema.decay turns it on).")
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,13 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    tta: Literal["none", "flip"] = opt(
+        "none", "Test-time augmentation: flip = the mean of the logits of each image and its mirror image (fit's "
+        "test pass, trainer eval and predict; twice the evaluation cost).")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_n_steps: Union[int, None] = opt(
         None, "Also save mid-epoch every N optimizer steps (with the position in the epoch: a resumed run goes on "
@@ -138,95 +151,6 @@ class CheckpointConfig:
                           "monitor, beside the keep_last newest.", min=0)
     monitor: Literal["test_acc", "test_loss", "train_acc", "train_loss"] = opt(
         "test_acc", "Metric that picks best.pt and save_top_k: accuracies are maximised, losses minimised.")
-
-
-@dataclass(frozen=True)
-class TuneResources:
-    cpu: float = opt(1.0, "CPUs per trial (also the trial's torch threads).", min=0.0, min_exclusive=True)
-    gpu: float = opt(0.0, "GPUs per trial; fractions share a GPU (0.5 = two trials per GPU).", min=0.0)
-
-
-@dataclass(frozen=True)
-class PBTSettings:
-    perturbation_interval: int = opt(1, "pbt: epochs between exploit/explore decisions.", min=1)
-    mutations: dict = opt(
-        {}, "pbt: dotted keys the search may change during training, written like search_space (e.g. "
-        "optim.lr: {loguniform: [1e-4, 1e-2]}); a restored trial continues with the new values in place (lr, "
-        "weight_decay, momentum of its optimizer). Empty = the search_space's keys.")
-    quantile_fraction: float = opt(0.25, "pbt: the bottom fraction copies (exploits) a top-fraction trial.",
-                                   min=0.0, max=0.5)
-    resample_probability: float = opt(0.25, "pbt: chance a mutated value is drawn afresh instead of perturbed.",
-                                      min=0.0, max=1.0)
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    name: str = opt("tune", "Experiment name: its folder is <storage_path>/<name>.")
-    search_space: dict = opt(
-        {}, "Dotted fit-config keys -> {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | "
-        "{randint: [lo, hi]} (inclusive) | {pow2: [lo, hi]} (2**k, k in lo..hi) | {grid: [...]}.")
-    searcher: Literal["random", "grid", "hyperopt"] = opt(
-        "hyperopt", "random (also runs grid entries), grid (every grid combination) or hyperopt (TPE).")
-    n_initial_points: int = opt(4, "hyperopt: random trials before TPE starts modelling.", min=1)
-    scheduler: Literal["fifo", "asha", "hyperband", "pbt"] = opt(
-        "fifo", "Trial scheduler; asha/hyperband stop poor trials early; pbt (Population Based Training) copies good "
-        "trials' checkpoints into poor ones and mutates their hyperparameters during training (tune.pbt).")
-    pbt: PBTSettings = opt(PBTSettings(), "Population Based Training (scheduler: pbt).")
-    max_t: Union[int, None] = opt(None, "asha/hyperband: most epochs a trial may run; null = the fit config's epochs.",
-                                  min=1)
-    grace_period: int = opt(1, "asha: epochs every trial runs before it can be stopped.", min=1)
-    reduction_factor: Union[float, None] = opt(
-        None, "asha/hyperband: keep 1/reduction_factor of trials at each rung; null = Ray's default "
-        "(asha 4, hyperband 3).", min=1.0, min_exclusive=True)
-    metric: str = opt("accuracy", "Metric to optimise: accuracy, loss (test), train_loss or train_accuracy.")
-    mode: Literal["max", "min"] = opt("max", "Maximise or minimise the metric.")
-    num_samples: int = opt(8, "Trials to run (with grid entries: samples per grid combination).", min=1)
-    max_concurrent: int = opt(0, "Trials at once; 0 = as many as the cluster's CPUs/GPUs allow.", min=0)
-    resources_per_trial: TuneResources = opt(TuneResources(), "Resources one trial holds.")
-    address: Union[str, None] = opt(None, "Ray cluster to join (e.g. auto or ray://host:10001); null = local Ray.")
-    storage_path: str = opt("runs/tune", "Parent folder of experiment folders.")
-    seed: int = opt(0, "Seed of the searcher (the trials' own seed is the fit config's seed).")
-    max_failures: int = opt(1, "Times a failed trial (its worker process died, or it raised) is restarted from its "
-                            "last reported checkpoint (Ray's FailureConfig); 0 = never.", min=0)
-    reuse_actors: bool = opt(True, "Run the next trial in a finished trial's worker process (skips process start "
-                             "and imports; trials then share one process's memory, one after another).")
-    object_store_mb: int = opt(256, "Object store size of a local Ray, MB (trials exchange little data).", min=80)
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    address: Union[str, None] = opt(
-        None, "Ray cluster to join: auto (the one 'ray start' made on this machine) or ray://host:10001; null = "
-        "a local Ray on this machine.")
-    num_workers: int = opt(2, "Ray Train workers: the DDP ranks, one Ray worker process each.", min=1)
-    use_gpu: bool = opt(False, "One GPU per worker.")
-    resources_per_worker: dict = opt(
-        {}, "Ray resources each worker holds, e.g. {CPU: 4, GPU: 1}; {} = Ray's default (1 CPU, and 1 GPU with "
-        "use_gpu).")
-    storage_path: Union[str, None] = opt(
-        None, "Where Ray Train keeps its own run state (a shared folder or a cloud URI on a cluster); null = "
-        "<run folder>/ray.")
-    max_failures: int = opt(0, "Times the worker group is restarted after a worker dies; each start resumes the "
-                            "run folder from its newest checkpoint.", min=0)
-
-
-@dataclass(frozen=True)
-class MLflowSettings:
-    tracking_uri: Union[str, None] = opt(
-        None, "Where runs are logged: a folder, sqlite:///mlflow.db, http://host:5000 ...; null = the file store "
-        "<out_dir>/mlruns.")
-    experiment: Union[str, None] = opt(
-        None, "Experiment name; null = the run's name (trainer tune: the tune experiment's name).")
-
-
-@dataclass(frozen=True)
-class WandbSettings:
-    mode: Literal["auto", "offline", "online", "disabled"] = opt(
-        "auto", "auto: online when an API key is configured (WANDB_API_KEY or wandb login), else offline - never "
-        "a prompt; offline runs are uploaded later with 'wandb sync'.")
-    project: str = opt("trainrig", "W&B project.")
-    entity: Union[str, None] = opt(None, "W&B entity (team or user); null = your default.")
-    tags: list[str] = opt([], "Tags on the W&B run.")
 
 
 @dataclass(frozen=True)
@@ -269,6 +193,7 @@ class Config:
         None, "model_parallel: micro-batch size for pipelining (stage k runs micro-batch i while k-1 runs i+1); "
         "null = no pipelining.", min=1)
     data: DataConfig = opt(DataConfig(), "Dataset and batching.")
+    eval: EvalConfig = opt(EvalConfig(), "How the test set (and predict's images) are evaluated.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "When checkpoints are written and which are kept.")
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")

@@ -18,7 +18,7 @@ from . import checkpoint, config as config_mod, data, models
 from .config import Config
 from .data import images
 from .errors import CheckpointError, ConfigError, DataError
-from .step import autocast, full_precision
+from .step import eval_logits
 from .strategy import resolve_device
 
 
@@ -104,9 +104,10 @@ class Prediction:
 
 @torch.inference_mode()
 def predict(checkpoint_path: str | Path, paths: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 64,
-            model: nn.Module | None = None) -> list[Prediction]:
-    """Label image files (or folders of them) with a trained checkpoint."""
-    trained = load_trained(checkpoint_path, model=model)
+            model: nn.Module | None = None, tta: str | None = None) -> list[Prediction]:
+    """Label image files (or folders of them) with a trained checkpoint; ``tta`` (none | flip) overrides the
+    run's eval.tta."""
+    trained = load_trained(checkpoint_path, [f"eval.tta={tta}"] if tta else (), model=model)
     cfg, tf, names = trained.cfg, trained.transform(), trained.classes
     files = image_paths(paths)
     k = max(1, min(top_k, cfg.model.num_classes or 1))
@@ -114,9 +115,8 @@ def predict(checkpoint_path: str | Path, paths: Sequence[str | Path], *, top_k: 
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         x = torch.stack([images.load(f, cfg.model.in_channels, cfg.data.image_size) for f in chunk])
-        with autocast(trained.device.type, cfg.precision):
-            logits = trained.model(tf(x, trained.device, None))
-        probs = torch.softmax(full_precision(logits).float(), dim=1).cpu()
+        logits = eval_logits(trained.model, tf(x, trained.device, None), cfg.precision, cfg.eval.tta)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
         top = probs.topk(k, dim=1)
         for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             out.append(Prediction(str(f), tuple(i), tuple(names[j] if j < len(names) else str(j) for j in i),

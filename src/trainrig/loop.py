@@ -27,7 +27,7 @@ from .optim import build_optimizer
 from .progress import Progress, ProgressMode
 from .resume import mutated, resume_config
 from .state import TrainState
-from .step import Stepper, autocast, full_precision
+from .step import Stepper, autocast, eval_logits, full_precision
 from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy
 
 
@@ -95,20 +95,18 @@ def train_epoch(run: Run, batches: Iterable, stepper: Stepper, first: int = 0) -
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[float]], list[float]] = _local,
-             *, precision: str = "32") -> dict[str, float]:
+             *, precision: str = "32", tta: str = "none") -> dict[str, float]:
     """Test loss and accuracy over every sample exactly once (summed over ranks by ``reduce``), no autograd
-    graph built, under the same autocast as training."""
+    graph built, under the same autocast as training; ``tta``: eval.tta (step.TTA_VIEWS)."""
     was_training = model.training
     model.eval()
-    device_type = next(model.parameters()).device.type
     loss_sum: Any = 0.0
     correct: Any = 0
     seen = 0
     for x, y in batches:
-        with autocast(device_type, precision):
-            logits = model(x)
+        logits = eval_logits(model, x, precision, tta)
         y = y.to(logits.device, non_blocking=True)
-        loss_sum = loss_sum + nn.functional.cross_entropy(full_precision(logits), y, reduction="sum")
+        loss_sum = loss_sum + nn.functional.cross_entropy(logits, y, reduction="sum")
         correct = correct + (logits.argmax(1) == y).sum()
         seen += y.shape[0]
     model.train(was_training)
@@ -134,7 +132,12 @@ def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
     with memory.explain_cuda_errors():
         row.update(train_epoch(run, run.train, stepper, first))
         run.strategy.sync_buffers(run.model)
-        row.update(evaluate(run.strategy.net, run.test, run.strategy.reduce, precision=cfg.precision))
+        run.hooks.on_evaluate_start(run)
+        try:
+            row.update(evaluate(run.strategy.net, run.test, run.strategy.reduce, precision=cfg.precision,
+                                tta=cfg.eval.tta))
+        finally:
+            run.hooks.on_evaluate_end(run)
     row["seconds"] = time.perf_counter() - started
     return row
 
@@ -411,4 +414,5 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
     _, test_batches, _ = data.build(cfg.data, device=trained.device, seed=cfg.seed,
                                     channels_last=cfg.model.channels_last, dtype=_dtype(cfg),
                                     splits=data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels))
-    return {"epoch": trained.epoch, **evaluate(trained.model, test_batches, precision=cfg.precision)}
+    return {"epoch": trained.epoch, **evaluate(trained.model, test_batches, precision=cfg.precision,
+                                               tta=cfg.eval.tta)}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import models
+from .ema import WeightAverage
 from .config import Config
 from .optim import build_optimizer, lr_factor_fn
 
@@ -36,7 +37,8 @@ def _as_tuple(value: Any) -> Any:
 class TrainState:
     """Model (unwrapped), optimizer, per-step schedule, loss scaler, epochs done and their metrics, and the
     position in the epoch under way: ``batch`` steps of it done (0 between epochs), their running metrics
-    in ``partial`` (summed over ranks: loss_sum, correct, seen, and the epoch's starting lr)."""
+    in ``partial`` (summed over ranks: loss_sum, correct, seen, and the epoch's starting lr); ``ema``: the
+    moving average of the weights once model.ema started it (saved as ``model``, see ema.py)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -47,6 +49,7 @@ class TrainState:
     batch: int = 0
     global_step: int = 0
     partial: dict[str, float] | None = None
+    ema: WeightAverage | None = None
 
     @classmethod
     def create(cls, cfg: Config, model: nn.Module, steps_per_epoch: int, device_type: str,
@@ -60,7 +63,9 @@ class TrainState:
     def state_dict(self, partial: dict[str, float] | None = None) -> dict[str, Any]:
         """Between epochs, or mid-epoch (``batch`` > 0) with that epoch's running metrics in ``partial``."""
         position = {"batch": self.batch, "partial": dict(partial)} if self.batch and partial else {"batch": 0}
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        weights = {"model": self.model.state_dict()} if self.ema is None else {
+            "model": self.ema.tensors, "training_weights": self.model.state_dict(), "ema_updates": self.ema.updates}
+        return {**weights, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "history": list(self.history), "rng": rng_state(),
                 "global_step": self.global_step, **position}
@@ -77,7 +82,9 @@ class TrainState:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("training_weights", state["model"]))
+        if "training_weights" in state:
+            self.ema = WeightAverage.restore(self.model, state["model"], state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

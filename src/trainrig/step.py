@@ -45,6 +45,25 @@ def full_precision(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
+# Test-time augmentation: the views of a batch whose logits are averaged (images are N, C, H, W).
+TTA_VIEWS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
+    "none": (lambda x: x,),
+    "flip": (lambda x: x, lambda x: x.flip(3)),
+}
+
+
+def eval_logits(model: nn.Module, x: torch.Tensor, precision: str, tta: str = "none") -> torch.Tensor:
+    """Logits for evaluation and prediction, in full precision: the mean over the ``tta`` views of ``x``."""
+    device_type = x.device.type
+    views = TTA_VIEWS[tta]
+    total = None
+    for view in views:
+        with autocast(device_type, precision):
+            out = full_precision(model(view(x)))
+        total = out if total is None else total + out
+    return total if len(views) == 1 else total / len(views)
+
+
 @dataclass
 class _Launched:
     """A batch whose forward/backward ran; its update is final once nobody ran out of memory."""

@@ -144,6 +144,10 @@ def _torchvision_model(cfg: ModelConfig, gen: torch.Generator | None) -> nn.Modu
     surgery.put(model, head_path, surgery.replace_head(surgery.get(model, head_path), num_classes, gen))
     if adapted:
         _load(model, state, source)
+    if not cfg.stem_pool:
+        if not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+            raise ConfigError(f"model.stem_pool=false: {cfg.arch} has no stem max-pool (model.maxpool) to remove")
+        model.maxpool = nn.Identity()  # no weights: checkpoints are the same either way
     return model
 
 
