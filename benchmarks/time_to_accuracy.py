@@ -49,6 +49,13 @@ class Clock(trainrig.Callback):
               f"(flip tta {100 * accs['flip']:.2f}%)", flush=True)
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def first_reaching(rows: list[dict], view: str, target: float) -> str:
     for r in rows:
         if 100 * r[view] >= target:
@@ -65,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="parent of the run folders (default: a temporary folder)")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="time-to-accuracy-")
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; config {args.config} {' '.join(args.overrides)}; runs in {out}", flush=True)
     summary = []
     for seed in args.seeds:

@@ -1,4 +1,5 @@
 """OOM toolkit on CPU: fault injection stands in for CUDA running out of memory."""
+import dataclasses
 import gc
 import warnings
 import weakref
@@ -58,13 +59,15 @@ def test_oom_at_micro_batch_one_is_a_clear_error(tiny_cfg):
 
 
 @pytest.fixture(scope="module")
-def ddp_plain():
-    """The uninterrupted DDP run per optimizer, trained once for every case that compares with it."""
+def ddp_plain(tmp_path_factory):
+    """The uninterrupted DDP run per optimizer, trained once for every case that compares with it (in a
+    folder of the module's: a passing test's tmp_path is removed when it ends)."""
     done = {}
+    folder = tmp_path_factory.mktemp("ddp_plain")
 
     def get(optimizer, cfg):
         if optimizer not in done:
-            done[optimizer] = trainrig.fit(cfg, progress="off")
+            done[optimizer] = trainrig.fit(dataclasses.replace(cfg, out_dir=str(folder)), progress="off")
         return done[optimizer]
     return get
 

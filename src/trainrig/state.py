@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from . import models
-from .ema import WeightAverage
 from .config import Config
+from .ema import WeightAverage
 from .optim import build_optimizer, lr_factor_fn
 
 
