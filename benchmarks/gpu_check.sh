@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a lent GPU machine (the device tool), under 8 minutes:
-#   1. the gpu-marked tests: nccl DDP on 1 GPU, model parallel on cuda:0,cuda:0, real CUDA OOM recovery,
+#   1. the gpu-marked tests: GPU == CPU in float64, nccl DDP on 2 GPUs (skipped on 1), model parallel on
+#      cuda:0,cuda:0 == [cpu, cpu], real CUDA OOM recovery,
 #      16-mixed and bf16-mixed (with EMA and flip TTA), the DDP OOM agreement on CUDA;
 #   2. images/s at batch 128: the source notes' loop (DataLoader + ToTensor) vs trainrig (batches on the GPU);
 #   3. the fast recipe's time to 91.5% test accuracy (configs/fashion_resnet18_fast.yaml, seed 0).

@@ -1,20 +1,23 @@
-"""Lost work per failure: SIGKILL `trainer fit --resume auto` at random moments, run the same command again,
-and measure what each kill cost (the last attempt is stopped once it has resumed).
+"""Lost work per failure: SIGKILL (or SIGTERM: a preemption) `trainer fit --resume auto` at random moments, run
+the same command again, and measure what each cost (the last attempt is stopped once it has resumed).
 
   redone   seconds of training between the newest checkpoint written before the kill and the kill: the
-           work the restarted run does again
+           work the restarted run does again; with --signal TERM also in steps (the steps the stopped
+           attempt finished beyond its last checkpoint, from steps.csv written every step)
+  stop     --signal TERM: seconds from the signal to the process's exit (finishing the step, saving)
   restart  seconds from relaunching the command to the resumed run's first step (imports, data, model,
            reading the checkpoint)
 
 By default the packaged config (ResNet18 on the real FashionMNIST) with the checkpoint defaults
 (every_minutes: 5, and every epoch end). Usage:
-  python benchmarks/lost_work.py [--kills 3] [--window 20 240] [--set KEY=VALUE ...]
+  python benchmarks/lost_work.py [--kills 3] [--window 20 240] [--signal KILL|TERM] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,8 +46,11 @@ def main() -> None:
     parser.add_argument("--window", type=float, nargs=2, default=(20.0, 240.0),
                         help="each kill lands this many seconds (uniform) after the attempt's first step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    if args.signal == "TERM":
+        args.overrides.append("log_every_n_steps=1")  # steps.csv then names every finished step
     rng = random.Random(args.seed)
     out = Path(tempfile.mkdtemp(prefix="lost-work-"))
     cmd = [sys.executable, "-m", "trainrig", "fit", "--resume", "auto", "--set", f"out_dir={out}",
@@ -67,20 +73,43 @@ def main() -> None:
         if proc.poll() is not None:
             print(f"the run ended before kill {i + 1}; use a wider config or a shorter --window")
             break
-        proc.kill()
+        proc.send_signal(getattr(signal, f"SIG{args.signal}"))
         killed = time.time()
-        proc.wait()
+        code = proc.wait()
+        stop = time.time() - killed
         saved = last.stat().st_mtime if last.is_file() else 0.0
-        redone = killed - max(saved, seen["started"])
+        redone = max(0.0, min(killed, time.time()) - max(saved, seen["started"])) if args.signal == "KILL" else \
+            max(0.0, last_step(out / "run") - saved)
+        steps = steps_beyond(out / "run", last) if args.signal == "TERM" else None
         rows.append((i + 1, delay, redone, restart))
-        print(f"kill {i + 1}: {delay:.0f} s into the attempt; training redone {redone:.1f} s "
-              f"(last save {killed - saved:.1f} s before the kill); this attempt reached its first step "
+        extra = f"; {steps} steps redone, exit {code} {stop:.1f} s after the signal" if steps is not None else ""
+        print(f"{args.signal.lower()} {i + 1}: {delay:.0f} s into the attempt; training redone {redone:.1f} s "
+              f"(last save {killed - saved:.1f} s before the signal){extra}; this attempt reached its first step "
               f"{restart:.1f} s after launch",
               flush=True)
     if rows:
         mean = sum(r[2] for r in rows) / len(rows)
         print(f"\nmean training redone per failure: {mean:.1f} s over {len(rows)} kills "
               f"(max {max(r[2] for r in rows):.1f} s); cpu: {os.cpu_count()} cores; run folder {out / 'run'}")
+
+
+def _steps(run: Path) -> list[int]:
+    rows = (run / "steps.csv").read_text().splitlines()[1:] if (run / "steps.csv").is_file() else []
+    return [int(r.split(",")[0]) for r in rows if r]
+
+
+def last_step(run: Path) -> float:
+    """When the newest step in steps.csv was written (the file's time: it is appended every step)."""
+    return (run / "steps.csv").stat().st_mtime if (run / "steps.csv").is_file() else 0.0
+
+
+def steps_beyond(run: Path, last: Path) -> int:
+    """Steps the stopped attempt finished after the step its newest checkpoint holds."""
+    import torch
+
+    saved = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    done = _steps(run)
+    return (max(done) - saved) if done else 0
 
 
 if __name__ == "__main__":

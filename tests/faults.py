@@ -114,3 +114,61 @@ class SaveAverage(Callback):
 
     def on_fit_end(self, run) -> None:
         torch.save(run.state.ema.tensors, run.run_dir / f"ema-rank{run.strategy.env.rank}.pt")
+
+
+class SignalSelf(Callback):
+    """Rank ``rank`` sends itself ``sig`` (SIGSTOP, SIGTERM, ...) once it has done ``step`` optimizer steps, the
+    first time only (``marker`` records it, with the pid). SIGSTOP: a peer the scheduler stopped; SIGTERM /
+    SIGUSR1: a preempted rank."""
+
+    rank_zero_only = False
+
+    def __init__(self, rank: int, step: int, marker: str, sig: str = "SIGSTOP"):
+        self.rank, self.step, self.marker, self.sig = rank, step, marker, sig
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        if run.strategy.env.rank == self.rank and run.state.global_step == self.step \
+                and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"{os.getpid()}\n")
+            os.kill(os.getpid(), getattr(signal, self.sig))
+
+
+class StepLog(Callback):
+    """Appends ``<rank> <global_step>`` to <run_dir>/steps-rank<R>.log after every optimizer step (every rank):
+    the work a process did, to compare with what its checkpoints hold."""
+
+    rank_zero_only = False
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        with open(run.run_dir / f"steps-rank{run.strategy.env.rank}.log", "a") as f:
+            f.write(f"{run.strategy.env.rank} {run.state.global_step}\n")
+
+
+class StopLoaderWorkers(Callback):
+    """SIGSTOPs this process's data loader workers once ``step`` optimizer steps are done (a worker the
+    system stopped, or one stuck in a read): the main process waits for batches that never come."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        import multiprocessing
+
+        if run.state.global_step == self.step:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGSTOP)
+
+
+class WaitFor(Callback):
+    """Rank 0 waits (up to two minutes) at the end of its first epoch until ``path`` exists: a run held mid-way
+    while a test does something beside it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_epoch_end(self, run, row) -> None:
+        import time
+
+        deadline = time.monotonic() + 120
+        while not Path(self.path).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

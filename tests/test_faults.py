@@ -171,9 +171,10 @@ DDP = ["strategy=ddp", "devices=2", "threads=1", "data.synthetic_train=128", "da
 
 def test_a_killed_rank_restarts_the_group_spawned_and_under_torchrun(tiny_cfg, tmp_path):
     """Rank 1 is SIGKILLed after step 3 (one step past a save). Spawned with restarts: 1, and torchrun
-    --max-restarts 3 running the same command with --resume auto: both resume the group from the step-2
-    checkpoint and end with the uninterrupted run's weights. (One CI run beside the Ray tests saw a restarted
-    group's gloo mesh refused once - "connectFullMesh ... Connection refused" - and ran out of restarts at 2.)"""
+    --max-restarts 1 running the same command with --resume auto: both resume the group from the step-2
+    checkpoint and end with the uninterrupted run's weights. One restart must do: torchrun keeps its store
+    across restarts, and a restarted rank used to read the dead attempt's gloo addresses from it (refused or
+    hung in 8 of 10 plain-torch runs); trainrig joins through keys new to each attempt (rendezvous.py)."""
     full = trainrig.fit(tiny_cfg(*DDP, "name=full"), progress="off")
 
     marker = tmp_path / "spawned-killed.txt"
@@ -187,8 +188,8 @@ def test_a_killed_rank_restarts_the_group_spawned_and_under_torchrun(tiny_cfg, t
     config = tmp_path / "torchrun.yaml"
     config.write_text(trainrig.config.dump(tiny_cfg(*DDP, "name=torchrun", "dist_timeout_s=60", kill)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
-           "--max-restarts", "3", "-m", "trainrig", "fit", "-c", str(config), "--resume", "auto"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           "--max-restarts", "1", "-m", "trainrig", "fit", "-c", str(config), "--resume", "auto"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.is_file(), "rank 1 was never killed"
     assert "(resumed epoch 1 at batch 2 from epoch=1-step=2.pt)" in proc.stderr, proc.stderr[-2000:]

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 from . import checkpoint, config as config_mod, report
 from .ema import WeightAverage
 from .errors import ConfigError
-from .imports import construct, import_object
+from .imports import construct, import_class
+from .preempt import Preempted, StopRequest, signal_name
 from .progress import Progress, ProgressMode, make_progress
 
 
@@ -51,6 +52,9 @@ class Callback:
 
     def on_evaluate_start(self, run: Any) -> None:
         """The epoch's training is done (BatchNorm statistics synchronised); the test pass starts."""
+
+    def on_evaluate_batch_end(self, run: Any, batch: int) -> None:
+        """After each evaluation batch (1-based ``batch``)."""
 
     def on_evaluate_end(self, run: Any) -> None:
         """The test pass is done (also when it raised)."""
@@ -162,19 +166,44 @@ class WeightAveraging(Callback):
 class Checkpointing(Callback):
     """Saves at every epoch end and, with checkpoint.every_n_steps / every_minutes, mid-epoch with the
     position in the epoch; keeps keep_last newest and save_top_k best (checkpoint.py names the files).
-    It runs on every rank: a mid-epoch save sums the epoch's running metrics over ranks (rank 0 writes)."""
+    It runs on every rank: a mid-epoch save sums the epoch's running metrics over ranks (rank 0 writes).
+    On SIGTERM / SIGUSR1 (preempt.py) every rank saves at the same step and sets ``run.stopping``, which the
+    loop raises once the step's (or epoch's) callbacks ran."""
 
     rank_zero_only = False
     CLOCK_EVERY_DDP = 20  # steps between reads of rank 0's clock under ddp (each read is a broadcast)
 
     def __init__(self) -> None:
         self.last_save = 0.0
+        self.stop = StopRequest()
+        self.stop_at_epoch_end = 0
+
+    def __getstate__(self) -> dict:  # travels to spawned ranks before fit: no handlers, no pending agreement
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def on_fit_start(self, run: Any) -> None:
         self.last_save = time.monotonic()
+        if run.strategy.is_main:
+            self.stop.clear_file(run.run_dir)
+        self.stop.install()
+
+    def on_fit_end(self, run: Any) -> None:
+        self.stop.uninstall()
+
+    def on_exception(self, run: Any, exc: BaseException) -> None:
+        self.stop.uninstall()
 
     def on_train_batch_end(self, run: Any, step: int, loss: Any) -> None:
-        if step < len(run.train) and self._due(run):
+        signum = self.stop.poll(run)
+        if step >= len(run.train):  # the epoch's end is saved in on_epoch_end, after evaluation
+            self.stop_at_epoch_end = self.stop_at_epoch_end or signum
+        elif signum:
+            self._save(run, run.state.epoch + 1, partial=run.stepper.running_totals())
+            self._stop(run, signum)
+        elif self._due(run):
             self._save(run, run.state.epoch + 1, partial=run.stepper.running_totals())
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
@@ -182,6 +211,17 @@ class Checkpointing(Callback):
         earlier = [r[monitor] for r in run.state.history[:-1]]
         better = max if monitor.endswith("acc") else min
         self._save(run, run.state.epoch, best=not earlier or better(earlier + [row[monitor]]) != better(earlier))
+        signum = self.stop.poll(run) or self.stop_at_epoch_end
+        if signum and run.state.epoch < run.cfg.epochs:
+            self._stop(run, signum)
+
+    def _stop(self, run: Any, signum: int) -> None:
+        """Ask the loop to end the run once this step's (or epoch's) callbacks are done."""
+        where = f"epoch {run.state.epoch + 1} step {run.state.global_step}" if run.state.batch else \
+            f"the end of epoch {run.state.epoch}"
+        message = (f"stopped by {signal_name(signum)} at {where}: saved {run.run_dir / 'checkpoints' / 'last.pt'}; "
+                   f"continue with the same command and --resume auto") if run.strategy.is_main else ""
+        run.stopping = Preempted(message, signum)
 
     def _due(self, run: Any) -> bool:
         every, minutes = run.cfg.checkpoint.every_n_steps, run.cfg.checkpoint.every_minutes
@@ -208,12 +248,15 @@ class Checkpointing(Callback):
 
 
 def builtin(cfg: Any, progress: ProgressMode | Progress = "auto") -> list[Callback]:
-    """Progress, curves.png, the weight average (when model.ema.decay is set) and checkpoints, then the
+    """The watchdog (watchdog.py), progress, curves.png, the weight average (when model.ema.decay is set) and checkpoints, then the
     configured loggers (loggers.py)."""
     from .loggers import make_loggers
 
+    from .watchdog import Watchdog
+
     average = [WeightAveraging(cfg.model.ema)] if cfg.model.ema.decay else []
-    return [ProgressCallback(progress), CurvesPlot(), *average, Checkpointing(), *make_loggers(cfg)]
+    return [Watchdog(cfg.dist_timeout_s), ProgressCallback(progress), CurvesPlot(), *average, Checkpointing(),
+            *make_loggers(cfg)]
 
 
 def from_specs(specs: Sequence[dict]) -> list[Callback]:
@@ -226,8 +269,6 @@ def from_specs(specs: Sequence[dict]) -> list[Callback]:
         if not isinstance(path, str) or "." not in path or unknown or not isinstance(args, dict):
             raise ConfigError(f"callbacks[{i}]: expected {{class_path: package.module.Class, init_args: {{...}}}}, "
                               f"got {spec!r}")
-        cls = import_object(path, f"callbacks[{i}].class_path")
-        if not (isinstance(cls, type) and issubclass(cls, Callback)):
-            raise ConfigError(f"callbacks[{i}].class_path: {path} is not a trainrig.callbacks.Callback")
+        cls = import_class(path, f"callbacks[{i}].class_path", Callback, "trainrig.Callback")
         out.append(construct(cls, args, f"callbacks[{i}].init_args"))
     return out

@@ -38,6 +38,26 @@ def atomic_write_bytes(path: str | Path, write: Any) -> None:
         raise
 
 
+def check_writable(path: str | Path, key: str) -> None:
+    """Before the work: can a file be written at ``path``? One line naming ``key`` and the path if not (a
+    file where a folder should be, no permission, a read-only file system)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{key} {path}: is a folder; give a file name")
+    folder = path.parent
+    above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CheckpointError(f"{key} {path}: {above} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CheckpointError(f"{key} {path}: cannot write there ({reason}: {exc.filename or folder})") from None
+
+
 def link_atomic(source: Path, target: Path) -> None:
     """Make ``target`` name the file ``source`` names (a hard link; a copy where links are not allowed),
     replacing any earlier ``target`` in one rename."""
@@ -167,6 +187,10 @@ def newest_readable(folder: Path) -> tuple[dict[str, Any], Path, list[str]]:
 def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """``mmap``: map the file instead of reading it, for a look at its small entries (config, epoch)."""
     path = Path(path)
+    if path.is_dir():
+        found = next((p for p in (path / "checkpoints" / "best.pt", path / "best.pt") if p.is_file()), None)
+        hint = f" such as {found}" if found else ""
+        raise CheckpointError(f"{path}: is a folder; give a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod, reference
-from .launch import WorkerFailed
-from .errors import TrainrigError
+from .errors import RunFailed, TrainrigError
+from .preempt import Preempted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train vision models from one YAML file.")
@@ -26,6 +26,8 @@ err = Console(stderr=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: the packaged FashionMNIST ResNet18).")
 SetOpt = typer.Option([], "--set", "-s", help="Override one key, e.g. --set optim.lr=3e-4 (repeatable).")
 TTAOpt = typer.Option(None, "--tta", help="Test-time augmentation: none | flip (default: the run's eval.tta).")
+TrustOpt = typer.Option(False, "--trust-class-path", help="Import the model.class_path named in the checkpoint's "
+                        "config (importing a module runs its code: only for files you trust).")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -37,9 +39,13 @@ def user_errors(fn: Callable) -> Callable:
         except TrainrigError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except WorkerFailed as exc:  # a DDP rank raised: its traceback is above, one line here
+        except RunFailed as exc:  # a DDP rank raised or stalled: its traceback/stacks are above or in log.txt
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Preempted as exc:  # a checkpoint was written; exit as the signal would have ended us
+            if exc.message:
+                err.print(escape(exc.message), highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             err.print(f"interrupted{': ' + escape(str(exc)) if str(exc) else ''}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
@@ -145,11 +151,11 @@ def tune_table(result) -> Table:
 @app.command("eval")
 @user_errors
 def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
-          tta: Optional[str] = TTAOpt, set_: List[str] = SetOpt) -> None:
+          tta: Optional[str] = TTAOpt, set_: List[str] = SetOpt, trust: bool = TrustOpt) -> None:
     """Evaluate a saved checkpoint on its config's test set."""
     from .loop import evaluate_checkpoint
 
-    res = evaluate_checkpoint(checkpoint, [*set_, *([f"eval.tta={tta}"] if tta else [])])
+    res = evaluate_checkpoint(checkpoint, [*set_, *([f"eval.tta={tta}"] if tta else [])], trust_class_path=trust)
     views = f", tta {tta}" if tta else ""
     out.print(f"{checkpoint} (epoch {res['epoch']}{views}): test loss {res['test_loss']:.4f}, "
               f"test accuracy {_pct(res['test_acc'])} on {res['test_samples']} images")
@@ -175,11 +181,14 @@ def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders
             checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
             top_k: int = typer.Option(3, "--top-k", min=1, help="Classes shown per image."),
             out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions to this CSV."),
-            tta: Optional[str] = TTAOpt) -> None:
+            tta: Optional[str] = TTAOpt, trust: bool = TrustOpt) -> None:
     """Label images with a trained model; preprocessing comes from the checkpoint."""
+    from .checkpoint import check_writable
     from .inference import predict as run_predict, write_csv
 
-    preds = run_predict(checkpoint, paths, top_k=top_k, tta=tta)
+    if out_csv is not None:
+        check_writable(out_csv, "--out")
+    preds = run_predict(checkpoint, paths, top_k=top_k, tta=tta, trust_class_path=trust)
     table = Table(title=f"{len(preds)} images, {checkpoint}")
     table.add_column("image", overflow="fold")
     for i in range(1, max((len(p.classes) for p in preds), default=0) + 1):
@@ -197,11 +206,12 @@ def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders
 def export_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
                fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | pt2 (torch.export) | safetensors"),
                out_path: Optional[Path] = typer.Option(None, "--out", help="Output file (default: RUN/export/)."),
-               force: bool = typer.Option(False, "--force", help="Replace an existing export.")) -> None:
+               force: bool = typer.Option(False, "--force", help="Replace an existing export."),
+               trust: bool = TrustOpt) -> None:
     """Export a trained model; its preprocessing and class names go to a .json beside it."""
     from .export import export
 
-    res = export(checkpoint, fmt, out_path, force=force)
+    res = export(checkpoint, fmt, out_path, force=force, trust_class_path=trust)
     out.print(f"wrote {res.path} and {res.sidecar}; outputs match the checkpoint's to {res.max_abs_diff:.2e} "
               f"(logits up to {res.max_abs_logit:.2f})")
 
@@ -214,7 +224,10 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder of run folders
          plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw their test-accuracy curves here.")) -> None:
     """Compare run folders: epochs, best test accuracy, time, speed and the config keys that differ."""
     from . import runs as runs_mod
+    from .checkpoint import check_writable
 
+    if plot is not None:
+        check_writable(plot, "--plot")
     summaries = runs_mod.compare(folder, sort, last)
     if not summaries:
         out.print(f"no run folders (with config.yaml) under {folder}")
@@ -230,6 +243,9 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder of run folders
                       best, f"{s.seconds / 60:.1f} min", f"{s.images_per_s:.0f}" if s.images_per_s else "-",
                       *(escape(_short(s.config.get(k))) for k in keys))
     out.print(table)
+    for s in summaries:
+        if s.problem:
+            err.print(f"damaged: {escape(str(s.path))}: {escape(s.problem)}", highlight=False, soft_wrap=True)
     if plot is not None:
         out.print(f"wrote {runs_mod.plot(summaries, plot)}")
 

@@ -185,8 +185,9 @@ class Config:
         0, "ddp spawned by trainer: times the whole group is restarted from the newest checkpoint after a rank "
         "dies (under torchrun use --max-restarts and --resume auto instead).", min=0)
     dist_timeout_s: float = opt(
-        300.0, "ddp: collective timeout in seconds; a rank stuck longer (a peer died) fails instead of hanging.",
-        min=1.0)
+        300.0, "The watchdog: a process that makes no progress (no training step, evaluation batch or epoch "
+        "end) this many seconds ends the run, naming the rank and where it waited, its stacks in log.txt; "
+        "ddp collectives time out 30 s later, and a torchrun group forms within it or fails.", min=1.0)
     split_at: list[str] = opt(
         ["layer3"], "model_parallel: ResNet stages that start a new device (len = devices - 1).")
     split_size: Union[int, None] = opt(
@@ -344,11 +345,33 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return file_cfg
 
 
+NAME_BYTES = 200  # a folder name's limit is 255 bytes on common file systems; room is left for "-2", ".tmp" ...
+
+
 def _folder_names(cfg: Config) -> list[str]:
-    """name and tune.name become folders under out_dir / storage_path: plain names only, never paths."""
-    return [f"{key}: expected a plain folder name (no '/', not '.' or '..'), got {value!r}"
-            for key, value in (("name", cfg.name), ("tune.name", cfg.tune.name))
-            if not value.strip() or "/" in value or "\\" in value or value in (".", "..")]
+    """name and tune.name become folders under out_dir / storage_path: plain names only, never paths, short
+    enough for any file system; no string anywhere holds a NUL (no file name or path can)."""
+    problems = [f"{key}: expected a plain folder name (no '/', not '.' or '..'), got {value!r}"
+                for key, value in (("name", cfg.name), ("tune.name", cfg.tune.name))
+                if not value.strip() or "/" in value or "\\" in value or value in (".", "..")]
+    problems += [f"{key}: a folder name of at most {NAME_BYTES} bytes, got {len(value.encode())}"
+                 for key, value in (("name", cfg.name), ("tune.name", cfg.tune.name))
+                 if len(value.encode()) > NAME_BYTES]
+    problems += [f"{key}: control characters (here {next(c for c in value if ord(c) < 32)!r}) cannot be in a "
+                 f"name or path, got {value!r}" for key, value in _strings(to_dict(cfg))
+                 if any(ord(c) < 32 for c in value) and (key in ("name", "tune.name") or "\x00" in value)]
+    return problems
+
+
+def _strings(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every string value of a config dict with its dotted key (list items as key[i])."""
+    if isinstance(tree, str):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        return [pair for k, v in tree.items() for pair in _strings(v, _join(prefix, str(k)))]
+    if isinstance(tree, list):
+        return [pair for i, v in enumerate(tree) for pair in _strings(v, f"{prefix}[{i}]")]
+    return []
 
 
 def from_dict(raw: dict) -> Config:

@@ -23,3 +23,8 @@ class OutOfMemory(TrainrigError):
 
 class CudaFailure(TrainrigError):
     """A known opaque CUDA failure (cuDNN init, device-side assert), re-raised with its usual cause."""
+
+
+class RunFailed(Exception):
+    """The run failed for a reason outside the user's input (a rank died or stalled, the group did not form):
+    the CLI prints the message on one line and exits with code 1."""

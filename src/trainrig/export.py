@@ -106,18 +106,20 @@ def preprocessing(trained: Trained) -> dict:
 
 
 def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None, *, force: bool = False,
-           model: nn.Module | None = None) -> Exported:
-    """Write ``fmt`` beside the checkpoint (``RUN/export/<name>.<ext>``) or to ``out``, plus ``.json``."""
+           model: nn.Module | None = None, trust_class_path: bool = False) -> Exported:
+    """Write ``fmt`` beside the checkpoint (``RUN/export/<name>.<ext>``) or to ``out``, plus ``.json``;
+    ``trust_class_path``: see inference.load_trained."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     ext, write = FORMATS[fmt]
     checkpoint_path = Path(checkpoint_path)
     path = Path(out) if out else checkpoint_path.parent.parent / "export" / (checkpoint_path.stem + ext)
     sidecar = path.with_suffix(".json")
+    checkpoint.check_writable(path, "--out")
     for p in (path, sidecar):
         if p.exists() and not force:
             raise ConfigError(f"{p} exists; choose --out or pass --force to replace it")
-    trained = load_trained(checkpoint_path, model=model)
+    trained = load_trained(checkpoint_path, model=model, trust_class_path=trust_class_path)
     cfg = trained.cfg
     net = _plain(trained.model)
     gen = torch.Generator().manual_seed(0)

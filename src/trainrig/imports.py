@@ -18,6 +18,16 @@ def import_object(path: Any, key: str) -> Any:
         raise ConfigError(f"{key}: cannot import {path} ({exc})") from None
 
 
+def import_class(path: Any, key: str, base: type, kind: str) -> type:
+    """The class ``path`` names, checked to be a subclass of ``base`` before anything is constructed: a
+    ``class_path`` naming another callable (``subprocess.Popen``, ``os.system``) is refused unrun."""
+    obj = import_object(path, key)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        what = "another class" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        raise ConfigError(f"{key}: {path} is not a subclass of {kind} (it is {what}); nothing was built")
+    return obj
+
+
 def construct(cls: Any, args: dict, key: str) -> Any:
     """``cls(**args)``; wrong arguments are a ConfigError naming ``key`` (the init_args)."""
     try:

@@ -51,13 +51,32 @@ def _complete(cfg: Config) -> Config:
     return data.resolve(cfg, splits)
 
 
-def load_trained(path: str | Path, overrides: Sequence[str] = (), *, model: nn.Module | None = None) -> Trained:
+TRUST_HINT = "--trust-class-path (trust_class_path=True in Python)"
+
+
+def check_trusted(cfg: Config, source: str | Path, trusted: bool) -> None:
+    """A config read from a file someone else may have written (a checkpoint's) names code to import:
+    refused unless the user said they trust it, since importing a module runs its code."""
+    if cfg.model.class_path and not trusted:
+        raise ConfigError(f"{source}: its config names model.class_path={cfg.model.class_path!r}; importing it "
+                          f"runs that module's code. If you trust this file, pass {TRUST_HINT}; or pass your "
+                          f"model instance (model=...)")
+
+
+def load_trained(path: str | Path, overrides: Sequence[str] = (), *, model: nn.Module | None = None,
+                 trust_class_path: bool = False) -> Trained:
     """Read a trainrig checkpoint (weights_only) and rebuild its network; ``model``: your own network's
-    instance, for runs trained with ``fit(model=...)`` whose class needs constructor arguments."""
+    instance, for runs trained with ``fit(model=...)`` whose class needs constructor arguments. A
+    ``model.class_path`` in the checkpoint's config is imported only with ``trust_class_path``."""
     state = checkpoint.load(path)
-    if "config" not in state or "model" not in state:
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a trainrig checkpoint (needs 'config' and 'model')")
-    cfg = config_mod.load(raw=state["config"], overrides=list(overrides))
+    try:
+        cfg = config_mod.load(raw=state["config"], overrides=list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: the checkpoint's config: {exc}") from None
+    if model is None:
+        check_trusted(cfg, path, trust_class_path)
     cfg = _complete(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None)))
     if model is None:
         try:
@@ -104,10 +123,11 @@ class Prediction:
 
 @torch.inference_mode()
 def predict(checkpoint_path: str | Path, paths: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 64,
-            model: nn.Module | None = None, tta: str | None = None) -> list[Prediction]:
+            model: nn.Module | None = None, tta: str | None = None, trust_class_path: bool = False) -> list[Prediction]:
     """Label image files (or folders of them) with a trained checkpoint; ``tta`` (none | flip) overrides the
-    run's eval.tta."""
-    trained = load_trained(checkpoint_path, [f"eval.tta={tta}"] if tta else (), model=model)
+    run's eval.tta; ``trust_class_path``: see load_trained."""
+    trained = load_trained(checkpoint_path, [f"eval.tta={tta}"] if tta else (), model=model,
+                           trust_class_path=trust_class_path)
     cfg, tf, names = trained.cfg, trained.transform(), trained.classes
     files = image_paths(paths)
     k = max(1, min(top_k, cfg.model.num_classes or 1))

@@ -8,28 +8,35 @@ for each to be handled, so files it names are stable meanwhile).
 """
 from __future__ import annotations
 
-import datetime
+import contextlib
 import gc
+import os
 import queue as queue_mod
+import signal
 import socket
 import sys
+import threading
+import time
 import traceback
-from typing import Any, Callable, Sequence
+from multiprocessing import connection as mp_connection
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 
 from .callbacks import Callback, RunInfo
 from .config import Config
-from .errors import ConfigError, TrainrigError
-from .strategy import DistEnv
+from .errors import ConfigError, RunFailed, TrainrigError
+from .preempt import SIGNALS, Preempted, signal_name
+from .rendezvous import agent_store_shared, fresh_store
+from .strategy import DistEnv, group_timeout
+from .watchdog import Watchdog
 
 Worker = Callable[[DistEnv, Sequence[Callback]], Any]
 
 
-class WorkerFailed(Exception):
+class WorkerFailed(RunFailed):
     """A DDP rank raised; the message names the rank and its error (the CLI exits 1, not 2)."""
 
 
@@ -58,8 +65,14 @@ def _in_group(cfg: Config, env: DistEnv, worker: Worker, callbacks: Sequence[Cal
     """Join (or reuse, under Ray Train) the process group, run the worker, leave the group we made."""
     made = not dist.is_initialized()
     if made:
-        dist.init_process_group(backend_for(cfg), init_method=init, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+        timeout = group_timeout(cfg)
+        if init == "env://" and agent_store_shared():  # torchrun: a store that outlives restarts (rendezvous.py)
+            store = fresh_store(env.rank, env.world_size, cfg.dist_timeout_s)
+            dist.init_process_group(backend_for(cfg), store=store, rank=env.rank, world_size=env.world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend_for(cfg), init_method=init, rank=env.rank, world_size=env.world_size,
+                                    timeout=timeout)
     try:
         return worker(env, callbacks)
     finally:
@@ -91,15 +104,21 @@ class _Relay(Callback):
 def _spawn_entry(local_rank: int, world: int, port: int, cfg: Config, worker: Worker,
                  callbacks: Sequence[Callback], results: Any) -> None:
     env = DistEnv(rank=local_rank, world_size=world, local_rank=local_rank, local_world_size=world)
+    for cb in callbacks:  # a stalled rank that must leave abruptly still reports its line to the launcher
+        if isinstance(cb, Watchdog):
+            cb.report = lambda message: results.put(("error", local_rank, message))
     try:
         result = _in_group(cfg, env, worker, callbacks, f"tcp://127.0.0.1:{port}")
         if env.is_main:
             results.put(("ok", local_rank, result))
+    except Preempted as exc:  # saved and stopped as asked: not a failure
+        results.put(("preempted", local_rank, exc))
     except BaseException as exc:  # report this rank's error in one line, then fail the process
         # bad input stays a TrainrigError (exit 2) in the parent; anything else becomes one line naming the rank
-        report = exc if isinstance(exc, TrainrigError) else f"rank {local_rank} failed: {type(exc).__name__}: {exc}"
+        report = exc if isinstance(exc, TrainrigError) else str(exc) if isinstance(exc, RunFailed) else \
+            f"rank {local_rank} failed: {type(exc).__name__}: {exc}"
         results.put(("error", local_rank, report))
-        if not isinstance(exc, TrainrigError):
+        if not isinstance(exc, (TrainrigError, RunFailed)):
             traceback.print_exc()
         raise
 
@@ -124,36 +143,100 @@ def _spawn(cfg: Config, worker: Worker, callbacks: Sequence[Callback], world: in
     local = [cb for cb in callbacks if cb.in_launcher]
     remote = [cb for cb in callbacks if not cb.in_launcher] + ([_Relay(events, acks)] if local else [])
     procs = mp.start_processes(_spawn_entry, args=(world, free_port(), cfg, worker, remote, results),
-                               nprocs=world, join=False, start_method="spawn")
+                               nprocs=world, join=False, start_method="spawn").processes
+    failed = None
     try:
-        while not procs.join(timeout=0.05):
+        with _forwarding(procs) as signalled:
+            failed = _wait(procs, lambda: _pump(events, acks, local))
             _pump(events, acks, local)
-        _pump(events, acks, local)
-    except ProcessException as exc:  # start_processes already ended the other ranks
-        errors = _drain(results, "error")  # in the order they happened: the first is the cause, later ones
-        message = next(iter(errors.values()), None)  # are peers losing their connection to it
-        if isinstance(message, TrainrigError):
-            raise message from None
-        killed = getattr(exc, "signal_name", None)  # a rank killed by a signal reports nothing itself
-        raise WorkerFailed(f"rank {exc.error_index} was killed ({killed})" if killed else
-                           message or f"rank {exc.error_index} died ({exc})") from None
-    finally:  # a launcher-side callback that raised (a stopped Tune trial) must not leave ranks behind
-        for p in procs.processes:
-            if p.is_alive():
-                p.terminate()
-    ok = _drain(results, "ok")
+    finally:  # a failed rank, or a launcher-side callback that raised (a stopped Tune trial): no rank stays
+        _end(procs, after_failure=failed is not None)
+    if failed is not None:
+        raise _failure(failed, procs[failed].exitcode, _drain(results, "error"), signalled)
+    ok, stopped = _drain(results, "ok", "preempted")
+    if stopped:  # saved and stopped on a signal (rank 0's exception says where)
+        raise stopped.get(0) or next(iter(stopped.values()))
     if 0 not in ok:
         raise WorkerFailed("ddp workers finished without a result from rank 0")
     return ok[0]
 
 
-def _drain(results: Any, wanted: str) -> dict[int, Any]:
-    found: dict[int, Any] = {}
+def _wait(procs: list, pump: Callable[[], None]) -> int | None:
+    """Until every rank ended (None) or one failed (its index), handing launcher-side events on meanwhile."""
+    while True:
+        codes = [p.exitcode for p in procs]
+        failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+        if failed or all(code == 0 for code in codes):
+            return failed[0] if failed else None
+        mp_connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.05)
+        pump()
+
+
+def _end(procs: list, after_failure: bool, grace_s: float = 3.0) -> None:
+    """No rank outlives the launcher. After a failure the others usually fail soon on their own (their error
+    lines say why); whoever is left after ``grace_s`` first writes its Python stacks to log.txt (SIGUSR2 to
+    its faulthandler; a stopped process is continued for it), then is killed."""
+    deadline = time.monotonic() + (grace_s if after_failure else 0.0)
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        mp_connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.1)
+    left = [p for p in procs if p.is_alive()]
+    for p in left if after_failure else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGUSR2)
+            os.kill(p.pid, signal.SIGCONT)
+    for p in left:
+        p.join(timeout=0.05 if after_failure else 0.0)  # faulthandler writes as the signal arrives
+        if p.is_alive():
+            p.kill()
+        p.join()
+
+
+def _failure(index: int, code: int | None, errors: dict[int, Any], signalled: list[int]) -> Exception:
+    """The exception for the launcher: the first error a rank reported (later ones are peers losing their
+    connection to it), or how the rank died."""
+    message = next(iter(errors.values()), None)
+    if isinstance(message, TrainrigError):
+        return message
+    if message:
+        return WorkerFailed(message)
+    if code is not None and code < 0:
+        name = signal_name(-code)
+        if signalled and -code == signalled[0]:
+            return Preempted(f"stopped by {name} before training began: nothing to save", -code)
+        return WorkerFailed(f"rank {index} was killed ({name})")
+    return WorkerFailed(f"rank {index} died (exit code {code})")
+
+
+@contextlib.contextmanager
+def _forwarding(procs: list) -> Iterator[list[int]]:
+    """SIGTERM / SIGUSR1 to the launcher go on to every rank (preempt.py); the list yielded records them."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        got.append(signum)
+        for p in procs:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _drain(results: Any, *wanted: str) -> Any:
+    """The ranks' reports of each wanted kind, rank -> payload (the first of each rank, in arrival order)."""
+    found: dict[str, dict[int, Any]] = {kind: {} for kind in wanted}
     while not results.empty():
         status, rank, payload = results.get()
-        if status == wanted:
-            found.setdefault(rank, payload)
-    return found
+        if status in found:
+            found[status].setdefault(rank, payload)
+    return found[wanted[0]] if len(wanted) == 1 else [found[kind] for kind in wanted]
 
 
 def launch(cfg: Config, worker: Worker, callbacks: Sequence[Callback], again: Worker | None = None) -> Any:

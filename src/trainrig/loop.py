@@ -26,6 +26,7 @@ from .launch import launch
 from .optim import build_optimizer
 from .progress import Progress, ProgressMode
 from .resume import mutated, resume_config
+from .runlock import RunInUse, RunLock
 from .state import TrainState
 from .step import Stepper, autocast, eval_logits, full_precision
 from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy
@@ -60,6 +61,7 @@ class Run:
     trainable: tuple[str, ...] | None = None  # backbone stages the wrapped model trains
     layout: models.Layout | None = None  # new layers and backbone stages of the model
     stepper: Stepper | None = None  # the optimizer steps (running_totals: the epoch so far)
+    stopping: BaseException | None = None  # set by a callback (a preemption checkpoint written): end the run
 
     def log(self, text: str) -> None:
         self.hooks.on_message(self, text)
@@ -88,6 +90,8 @@ def train_epoch(run: Run, batches: Iterable, stepper: Stepper, first: int = 0) -
         state.batch, state.global_step = step, state.global_step + 1
         if loss is not None:
             run.hooks.on_train_batch_end(run, step, loss)
+        if run.stopping is not None:
+            raise run.stopping
     loss, acc, seen = _totals(run.strategy.reduce, *stepper.finish())
     elapsed = time.perf_counter() - start  # _totals waited for the device
     return {"train_loss": loss, "train_acc": acc, "images_per_s": (seen - before) / max(elapsed, 1e-9)}
@@ -95,20 +99,23 @@ def train_epoch(run: Run, batches: Iterable, stepper: Stepper, first: int = 0) -
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[float]], list[float]] = _local,
-             *, precision: str = "32", tta: str = "none") -> dict[str, float]:
+             *, precision: str = "32", tta: str = "none",
+             on_batch: Callable[[int], None] = lambda i: None) -> dict[str, float]:
     """Test loss and accuracy over every sample exactly once (summed over ranks by ``reduce``), no autograd
-    graph built, under the same autocast as training; ``tta``: eval.tta (step.TTA_VIEWS)."""
+    graph built, under the same autocast as training; ``tta``: eval.tta (step.TTA_VIEWS); ``on_batch`` after
+    each batch (1-based index)."""
     was_training = model.training
     model.eval()
     loss_sum: Any = 0.0
     correct: Any = 0
     seen = 0
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches, 1):
         logits = eval_logits(model, x, precision, tta)
         y = y.to(logits.device, non_blocking=True)
         loss_sum = loss_sum + nn.functional.cross_entropy(logits, y, reduction="sum")
         correct = correct + (logits.argmax(1) == y).sum()
         seen += y.shape[0]
+        on_batch(i)
     model.train(was_training)
     loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
     return {"test_loss": loss, "test_acc": acc, "test_samples": total_seen}
@@ -135,7 +142,7 @@ def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
         run.hooks.on_evaluate_start(run)
         try:
             row.update(evaluate(run.strategy.net, run.test, run.strategy.reduce, precision=cfg.precision,
-                                tta=cfg.eval.tta))
+                                tta=cfg.eval.tta, on_batch=functools.partial(run.hooks.on_evaluate_batch_end, run)))
         finally:
             run.hooks.on_evaluate_end(run)
     row["seconds"] = time.perf_counter() - started
@@ -210,8 +217,18 @@ def _resume_mode(cfg: Config, resume: bool | str) -> str:
 
 def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
                 callbacks: Sequence[Callback]) -> FitResult | None:
+    held: list[RunLock] = []  # rank 0's lock on the run folder, released however the run ends
+    try:
+        return _train(cfg, resume, parts, env, callbacks, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _train(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv, callbacks: Sequence[Callback],
+           held: list[RunLock]) -> FitResult | None:
     started = time.perf_counter()
-    run = _setup(cfg, resume, parts, env, callbacks)
+    run = _setup(cfg, resume, parts, env, callbacks, held)
     state, strategy = run.state, run.strategy
     run.stepper = stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing),
                                     run.cfg.precision, run.train.batch_size, run.log)
@@ -222,6 +239,8 @@ def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
             state.epoch, state.batch, state.partial = epoch + 1, 0, None
             state.history.append(row)
             run.hooks.on_epoch_end(run, row)
+            if run.stopping is not None:
+                raise run.stopping
     except BaseException as exc:
         run.hooks.on_exception(run, exc)
         raise
@@ -241,14 +260,15 @@ def _dtype(cfg: Config) -> torch.dtype:
 
 
 def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
-           callbacks: Sequence[Callback]) -> Run:
-    """Strategy, run folder (rank 0 decides), data, model, batches, TrainState (restored with ``resume``)."""
+           callbacks: Sequence[Callback], held: list[RunLock]) -> Run:
+    """Strategy, run folder (rank 0 decides and locks it), data, model, batches, TrainState (restored with
+    ``resume``)."""
     strategy = make_strategy(cfg, env)
     torch.set_num_threads(default_threads(cfg, env.local_world_size))
     if strategy.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mode = _resume_mode(cfg, resume)
-    cfg, run_dir, resumed, warnings = _main_decides(strategy, lambda: _run_dir(cfg, mode))
+    cfg, run_dir, resumed, warnings = _main_decides(strategy, lambda: _claim(cfg, mode, held))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     splits = _load_data(cfg, parts, env)
@@ -320,6 +340,28 @@ def _run_dir(cfg: Config, mode: str) -> tuple[Config, Path, Path | None, list[st
     if changes:
         warnings.append(f"pbt: continuing {path.name} with {changes}, set in place")
     return resume_config(trained, cfg, int(saved["epoch"])), run_dir, path, warnings
+
+
+def _claim(cfg: Config, mode: str, held: list[RunLock]) -> tuple[Config, Path, Path | None, list[str]]:
+    """Rank 0: the run folder (``_run_dir``), locked before its checkpoints are read (runlock.py); a fresh
+    run that lost a race for a new folder takes the next name."""
+    folder = Path(cfg.out_dir) / cfg.name
+    lock = RunLock.acquire(folder) if mode != "never" and folder.is_dir() else None
+    for _ in range(20):
+        try:
+            found = _run_dir(cfg, mode)
+            lock = lock or RunLock.acquire(found[1])
+        except RunInUse:
+            if mode == "never":
+                continue
+            raise
+        except BaseException:
+            if lock:
+                lock.release()
+            raise
+        held.append(lock)
+        return (*found[:3], [lock.note] * bool(lock.note) + found[3])
+    raise RunInUse(f"{cfg.out_dir}: other runs keep taking the new folders for {cfg.name!r}")
 
 
 def _main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:
@@ -404,11 +446,12 @@ def _auto_batch_size(run: Run) -> Config:
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                        model: nn.Module | None = None) -> dict[str, float]:
-    """Rebuild the model stored in a checkpoint and evaluate it on its config's test set."""
+                        model: nn.Module | None = None, trust_class_path: bool = False) -> dict[str, float]:
+    """Rebuild the model stored in a checkpoint and evaluate it on its config's test set
+    (``trust_class_path``: see inference.load_trained)."""
     from .inference import load_trained
 
-    trained = load_trained(path, overrides, model=model)
+    trained = load_trained(path, overrides, model=model, trust_class_path=trust_class_path)
     cfg = trained.cfg
     torch.set_num_threads(default_threads(cfg, 1))
     _, test_batches, _ = data.build(cfg.data, device=trained.device, seed=cfg.seed,

@@ -30,7 +30,7 @@ class Progress:
         return False
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        if self.enabled or text.startswith("warning:"):  # --quiet silences progress, never a warning
             print(text, file=sys.stderr, flush=True)
 
     def end_epoch(self, row: dict) -> None:

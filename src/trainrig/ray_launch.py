@@ -9,14 +9,19 @@ groups and restarts are Ray Train's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .callbacks import Callback
 from .config import Config
 from .errors import ConfigError, TrainrigError
 from .launch import WorkerFailed
+from .preempt import SIGNALS, STOP_FILE, Preempted, signal_name
+from .strategy import group_timeout
 
 
 def start_ray(address: str | None, object_store_mb: int = 256, *, log_to_driver: bool = False) -> None:
@@ -45,7 +50,11 @@ def _worker_loop(config: dict) -> None:
 
     from .launch import launch
 
-    result = launch(config["cfg"], config["worker"], config["callbacks"])
+    try:
+        result = launch(config["cfg"], config["worker"], config["callbacks"])
+    except Preempted as exc:  # stopped and saved as asked (the driver's STOP file): not a failure to retry
+        ray.train.report({"preempted": exc.signum, "message": exc.message})
+        return
     ray.train.report({} if result is None else {  # a barrier: every worker reports, the driver sees rank 0's
         "best_test_acc": result.best_test_acc, "best_epoch": result.best_epoch,
         "checksums": list(result.param_checksums)})
@@ -75,18 +84,41 @@ def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> 
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg, "worker": worker, "callbacks": list(callbacks)},
-        torch_config=TorchConfig(backend=_backend(cfg), timeout_s=int(cfg.dist_timeout_s)),
+        torch_config=TorchConfig(backend=_backend(cfg), timeout_s=int(group_timeout(cfg).total_seconds())),
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=dict(settings.resources_per_worker) or None),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=settings.max_failures)),
     )
     try:
-        result = trainer.fit()
+        with _stop_file_on_signal(Path(cfg.out_dir) / cfg.name):
+            result = trainer.fit()
     except TrainrigError:
         raise
     except Exception as exc:  # Ray wraps a worker's error; keep its last line
         text = str(exc).strip().splitlines()
         cause = next((line for line in reversed(text) if "Error" in line), text[-1] if text else repr(exc))
         raise WorkerFailed(f"launcher: ray: the worker group failed: {cause.strip()}") from None
-    return dict(result.metrics or {})
+    metrics = dict(result.metrics or {})
+    if metrics.get("preempted"):
+        raise Preempted(str(metrics.get("message") or ""), int(metrics["preempted"]))
+    return metrics
+
+
+@contextlib.contextmanager
+def _stop_file_on_signal(run_dir: Path) -> Iterator[None]:
+    """SIGTERM / SIGUSR1 to the driver become a STOP file in the run folder (preempt.py): Ray's workers run
+    elsewhere and train in a thread, where no signal handler can be set; rank 0 reads the file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum: int, frame: Any) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STOP_FILE).write_text(signal_name(signum).removeprefix("SIG") + "\n")
+    previous = {sig: signal.signal(sig, ask) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -34,9 +34,12 @@ class RunSummary:
     images_per_s: float | None
     history: list[dict] = field(repr=False, default_factory=list)
     config: dict[str, Any] = field(repr=False, default_factory=dict)
+    problem: str = ""  # a damaged file, named; the row shows what could still be read
 
     @property
     def status(self) -> str:
+        if self.problem:
+            return "damaged"
         if self.epochs_done == 0:
             return "no epochs"
         return "done" if self.epochs_done >= self.epochs_planned else f"interrupted ({self.epochs_done}/{self.epochs_planned})"
@@ -55,34 +58,63 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _history(folder: Path) -> list[dict]:
+REQUIRED = ("epoch", "test_acc")  # what a row needs to be listed and ranked
+_WHY = {TypeError: "a row is cut short or too long", ValueError: "a value is not a number",
+        UnicodeDecodeError: "not text"}
+
+
+def _history(folder: Path) -> tuple[list[dict], str]:
+    """The run's epochs from metrics.csv, else from checkpoints/last.pt, and what was wrong on the way."""
+    problem = ""
     if (folder / "metrics.csv").is_file():
         try:
-            return report.read_metrics(folder / "metrics.csv")
-        except (ValueError, KeyError, OSError):
-            pass  # a half-written file from a crash: fall back to the checkpoint
+            rows = report.read_metrics(folder / "metrics.csv")
+            missing = [k for k in REQUIRED if any(k not in r for r in rows)]
+            if missing:
+                raise KeyError(f"no {missing[0]} column")
+            return rows, ""
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            problem = f"metrics.csv damaged ({_WHY.get(type(exc), str(exc).strip(chr(39)))})"
     last = folder / "checkpoints" / "last.pt"
     if last.is_file():
         try:
-            return list(checkpoint.load(last, mmap=True).get("history", []))
+            history = list(checkpoint.load(last, mmap=True).get("history", []))
+            if all(isinstance(r, dict) and all(k in r for k in REQUIRED) for r in history):
+                return history, problem
         except Exception:
-            return []
-    return []
+            pass
+        problem = problem or "checkpoints/last.pt unreadable"
+    return [], problem
+
+
+def _config(folder: Path) -> tuple[dict, str]:
+    try:
+        raw = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return {}, f"config.yaml unreadable ({type(exc).__name__})"
+    if raw is not None and not isinstance(raw, dict):
+        return {}, f"config.yaml is a {type(raw).__name__}, not a mapping"
+    return raw or {}, ""
+
+
+def _planned(raw: dict, done: int) -> int:
+    epochs = raw.get("epochs", done)
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else done
 
 
 def summarize(folder: Path) -> RunSummary:
-    try:
-        raw = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        raw = {}
-    history = _history(folder)
+    """One run's row; a damaged file (a metrics.csv cut mid-row, a config.yaml that is not a mapping) is
+    named in ``problem`` and whatever else is readable is still listed."""
+    raw, config_problem = _config(folder)
+    history, history_problem = _history(folder)
     best = max(history, key=lambda r: r["test_acc"]) if history else None
     speeds = [r["images_per_s"] for r in history if "images_per_s" in r]
     return RunSummary(folder, folder.name, (folder / "config.yaml").stat().st_mtime, len(history),
-                      int(raw.get("epochs", len(history)) or 0), best["test_acc"] if best else None,
+                      _planned(raw, len(history)), best["test_acc"] if best else None,
                       int(best["epoch"]) if best else None, sum(r.get("seconds", 0.0) for r in history),
                       sum(speeds) / len(speeds) if speeds else None, history,
-                      {k: v for k, v in _flatten(raw).items() if not k.startswith("tune.")})
+                      {k: v for k, v in _flatten(raw).items() if not k.startswith("tune.")} if raw else {},
+                      "; ".join(p for p in (config_problem, history_problem) if p))
 
 
 def find(root: str | Path, depth: int = 3) -> list[Path]:
@@ -100,8 +132,9 @@ def find(root: str | Path, depth: int = 3) -> list[Path]:
 
 def differing(summaries: list[RunSummary]) -> list[str]:
     """Config keys whose values are not the same in every listed run (in the config's order)."""
-    keys = list(dict.fromkeys(k for s in summaries for k in s.config))
-    return [k for k in keys if k not in IGNORED_KEYS and len({repr(s.config.get(k)) for s in summaries}) > 1]
+    readable = [s for s in summaries if s.config]  # a run whose config.yaml is damaged says nothing here
+    keys = list(dict.fromkeys(k for s in readable for k in s.config))
+    return [k for k in keys if k not in IGNORED_KEYS and len({repr(s.config.get(k)) for s in readable}) > 1]
 
 
 def compare(root: str | Path = "runs", sort: str = "started", last: int | None = None) -> list[RunSummary]:

@@ -8,10 +8,11 @@ Only this module and ``launch.py`` talk to ``torch.distributed``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,14 @@ class DistEnv:
             return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), launched=True)
         return cls()
+
+
+GROUP_MARGIN_S = 30.0  # collectives time out this long after the watchdog (watchdog.py) has spoken
+
+
+def group_timeout(cfg: Config) -> datetime.timedelta:
+    """The process groups' collective timeout: a backstop behind the watchdog's dist_timeout_s."""
+    return datetime.timedelta(seconds=cfg.dist_timeout_s + GROUP_MARGIN_S)
 
 
 def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:
@@ -105,6 +114,11 @@ class SingleStrategy:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         return obj
+
+    def any_rank(self, value: int) -> Callable[[], int]:
+        """Start the maximum of a small int over ranks without waiting; the returned function waits for it
+        (every rank calls this at the same points: preempt.py's per-step agreement)."""
+        return lambda: value
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics) before evaluating or saving."""
@@ -234,6 +248,7 @@ class DDPStrategy(SingleStrategy):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.hook: _HookState | None = None
+        self.control: Any = None  # the gloo group of any_rank
 
     @property
     def distributed(self) -> bool:
@@ -281,6 +296,19 @@ class DDPStrategy(SingleStrategy):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def any_rank(self, value: int) -> Callable[[], int]:
+        if not self.distributed:
+            return super().any_rank(value)
+        if self.control is None:  # a CPU group of its own: no device sync, not queued behind gradient buckets
+            self.control = dist.new_group(backend="gloo", timeout=group_timeout(self.cfg))
+        flag = torch.tensor([value], dtype=torch.int32)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+        def result() -> int:
+            work.wait()
+            return int(flag.item())
+        return result
 
     def sync_buffers(self, model: nn.Module) -> None:
         if self.distributed:

@@ -228,6 +228,9 @@ def _stats(cfg: DataConfig, train: Dataset, channels: int, pretrained: bool) -> 
         return channel_stats(torch.stack([train[i][0] for i in picks]))
 
 
+MIN_SIZE = 8  # data.image_size's lower bound
+
+
 def load_splits(cfg: DataConfig, seed: int = 0, *, channels: int | None = None, pretrained: bool = False,
                 local_world: int = 1, source: Source | None = None) -> Splits:
     """Read the source, shape every image to ``channels`` x ``data.image_size``, cache or stream, get stats."""
@@ -238,6 +241,11 @@ def load_splits(cfg: DataConfig, seed: int = 0, *, channels: int | None = None, 
     first = _first_image(train)
     channels = channels or (native_channels(first) if first.dtype == torch.uint8 else int(first.shape[-3]))
     size = cfg.image_size or int(min(first.shape[-2:]))
+    if size < MIN_SIZE:  # the config allows no less; a run at this size could not predict from its checkpoint
+        which = train.paths[0] if isinstance(train, ImageFiles) else f"{src.where}'s first image"
+        raise DataError(f"data.image_size: null takes the first training image's size, and {which} is "
+                        f"{'x'.join(map(str, first.shape[-2:]))}; set data.image_size (>= {MIN_SIZE}) to resize "
+                        f"every image")
     need_mb = (len(train) + len(test)) * channels * size * size / 2**20  # type: ignore[arg-type]
     budget = cfg.cache_mb if cfg.cache_mb is not None else _default_cache_mb(local_world)
     if cfg.loader == "memory" or (cfg.loader == "auto" and not src.user and need_mb <= budget):

@@ -22,12 +22,24 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _scan(folder: Path) -> dict[str, list[Path]]:
-    """Class name -> its image files (sorted); an empty class is an error."""
-    found = {}
+    """Class name -> its image files (sorted); an empty class, a class folder linking to the dataset (or
+    above it) and a file that two classes reach (links) are errors: each would train on wrong labels."""
+    found: dict[str, list[Path]] = {}
+    owner: dict[Path, str] = {}
+    top = folder.resolve()
     for d in _class_dirs(folder):
+        target = d.resolve()
+        if target == top or target in top.parents:
+            raise DataError(f"{d}: class folder '{d.name}' is a link to {target}, which holds the other classes' "
+                            f"images; give each class a folder of its own")
         files = sorted(p for p in d.rglob("*") if p.is_file() and is_image(p))
         if not files:
             raise DataError(f"{d}: class '{d.name}' has no images (looked for {', '.join(sorted(EXTENSIONS))})")
+        for f in files:
+            other = owner.setdefault(f.resolve(), d.name)
+            if other != d.name:
+                raise DataError(f"{f}: the same file is also in class '{other}' (through a link); an image "
+                                f"belongs to one class")
         found[d.name] = files
     return found
 

@@ -73,12 +73,14 @@ def _decode_torchvision(path: Path) -> torch.Tensor:
 
 
 def decode(path: str | Path) -> torch.Tensor:
-    """The file's pixels as uint8 (C, H, W), C its own channel count; a bad file is a DataError naming it."""
+    """The file's pixels as uint8 (C, H, W), C its own channel count; a bad file is a DataError naming it.
+    An animated GIF/WebP gives its first frame, as Pillow (and so torchvision's ImageFolder and timm) does."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: not a readable image (an empty file)")
     try:
-        if path.suffix.lower() in NATIVE:
-            return _decode_torchvision(path)
-        return _decode_pil(path)
+        x = _decode_torchvision(path) if path.suffix.lower() in NATIVE else _decode_pil(path)
+        return x[0] if x.ndim == 4 else x
     except Exception as exc:  # decoders raise RuntimeError, OSError, ValueError ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable image ({reason})") from None

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..imports import construct, import_object
+from ..imports import construct, import_class
 from . import surgery
 from .surgery import (Layout, apply_unfrozen, first_conv, fold_conv_weight, head, new_conv1, new_head, layout,
                       unfrozen_stages)
@@ -182,12 +182,10 @@ def _timm_model(cfg: ModelConfig) -> nn.Module:
 
 
 def _user_model(cfg: ModelConfig) -> nn.Module:
-    cls = import_object(cfg.class_path, "model.class_path")
-    model = construct(cls, dict(cfg.init_args), "model.init_args")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.class_path: {cfg.class_path} built a {type(model).__name__}, not a torch nn.Module")
     if cfg.weights == "imagenet":
         raise ConfigError("model.weights=imagenet needs model.arch; for model.class_path give a state_dict path")
+    cls = import_class(cfg.class_path, "model.class_path", nn.Module, "torch.nn.Module")
+    model = construct(cls, dict(cfg.init_args), "model.init_args")
     if cfg.weights:
         _load(model, load_state_dict_file(cfg.weights), str(cfg.weights))
     return model
