@@ -40,13 +40,18 @@ def fake_fashion(tmp_path):
     return folder, parts
 
 
+TINY_NET = "model.class_path=user_models.TinyNet"  # tests about mechanics; RESNET for those about the ResNet
+RESNET = "model.class_path=null"
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """A seconds-long synthetic run writing into tmp_path."""
+    """A seconds-long synthetic run writing into tmp_path: a two-conv network (user_models.TinyNet) unless the
+    test asks for the ResNet18 (RESNET)."""
     def make(*overrides: str) -> trainrig.Config:
         base = ["data.name=synthetic", "data.synthetic_train=128", "data.synthetic_test=64",
                 "data.batch_size=32", "data.eval_batch_size=64", "epochs=2", "threads=1",
-                f"out_dir={tmp_path / 'runs'}", "name=tiny", "optim.name=adam", "sched.name=none"]
+                f"out_dir={tmp_path / 'runs'}", "name=tiny", "optim.name=adam", "sched.name=none", TINY_NET]
         return trainrig.load_config(None, base + list(overrides))
     return make
 
@@ -60,8 +65,8 @@ def assert_exit_2(result, message: str) -> None:
 
 # The slowest modules first: pytest-xdist (--dist loadfile) hands out whole modules in this order, so the
 # two workers start on the long ones and finish together on the short ones.
-SLOW_FIRST = ("test_ray", "test_tune_survival", "test_faults", "test_memory", "test_tune", "test_own",
-              "test_distributed", "test_notebook")
+SLOW_FIRST = ("test_ray", "test_tune_survival", "test_tune", "test_stalls", "test_faults", "test_own", "test_memory",
+              "test_distributed", "test_notebook", "test_loop", "test_trust")
 
 
 def pytest_collection_modifyitems(items):

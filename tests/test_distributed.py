@@ -10,6 +10,8 @@ import torch
 import torchvision
 
 import trainrig
+
+from conftest import RESNET
 from trainrig import checkpoint, data, models, optim
 from trainrig.launch import WorkerFailed
 from trainrig.models.parallel import StagedResNet, model_parallel_resnet50, stage_names
@@ -161,19 +163,19 @@ def test_pipelined_gradients_equal_plain(split_size):
 
 
 def test_model_parallel_fit_on_two_cpu_devices(tiny_cfg):
-    result = trainrig.fit(tiny_cfg("epochs=1", "strategy=model_parallel", "devices=[cpu, cpu]", "split_size=8"),
+    result = trainrig.fit(tiny_cfg("epochs=1", "strategy=model_parallel", "devices=[cpu, cpu]", "split_size=8", RESNET),
                           progress="off")
     assert result.history[0]["train_loss"] > 0
     state = checkpoint.load(result.run_dir / "checkpoints" / "last.pt")["model"]
     assert "layer3.0.conv1.weight" in state  # a plain ResNet state_dict: loads into single-device runs
     with pytest.raises(trainrig.ConfigError, match="2 devices for 3 stages"):
-        trainrig.fit(tiny_cfg("strategy=model_parallel", "devices=[cpu, cpu]", "split_at=[layer2, layer3]"),
+        trainrig.fit(tiny_cfg("strategy=model_parallel", "devices=[cpu, cpu]", "split_at=[layer2, layer3]", RESNET),
                      progress="off")
 
 
 def test_gradual_unfreezing_rewraps_ddp(tiny_cfg):
     """DDP registers the trainable parameters when it wraps: a stage unfrozen later must train on every rank."""
-    cfg = tiny_cfg(*DDP, "epochs=3", "model.finetune=gradual", "data.synthetic_train=64")
+    cfg = tiny_cfg(*DDP, "epochs=3", "model.finetune=gradual", "data.synthetic_train=64", RESNET)
     result = trainrig.fit(cfg, progress="off")
     assert result.param_checksums[0] == result.param_checksums[1]
     initial = models.build_model(cfg.model, seed=cfg.seed).state_dict()

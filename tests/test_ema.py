@@ -36,9 +36,9 @@ def test_ema_evaluates_saves_and_resumes_exactly(tiny_cfg):
     saved = checkpoint.load(full.run_dir / "checkpoints" / "last.pt")
     assert saved["ema_updates"] == 16  # 128 images / 16 per step, 2 epochs
     averaged, trained = saved["model"], saved["training_weights"]
-    assert not torch.equal(averaged["fc.weight"], trained["fc.weight"])
+    assert not torch.equal(averaged["head.weight"], trained["head.weight"])
     # the row's test metrics are the average's: evaluating last.pt (its "model") gives them again
-    again = evaluate_checkpoint(full.run_dir / "checkpoints" / "last.pt")
+    again = evaluate_checkpoint(full.run_dir / "checkpoints" / "last.pt", trust_class_path=True)
     assert again["test_loss"] == pytest.approx(full.history[-1]["test_loss"], rel=1e-5)
 
     class Crash(Exception):
@@ -96,16 +96,17 @@ def test_flip_tta_averages_the_logits_of_both_views():
 def test_tta_in_fit_eval_and_predict(tiny_cfg, tmp_path):
     result = trainrig.fit(tiny_cfg("eval.tta=flip", "epochs=1"), progress="off")
     ckpt = result.run_dir / "checkpoints" / "last.pt"
-    assert evaluate_checkpoint(ckpt)["test_loss"] == pytest.approx(result.history[-1]["test_loss"], rel=1e-5)
-    plain = evaluate_checkpoint(ckpt, ["eval.tta=none"])["test_loss"]
+    assert evaluate_checkpoint(ckpt, trust_class_path=True)["test_loss"] == \
+        pytest.approx(result.history[-1]["test_loss"], rel=1e-5)
+    plain = evaluate_checkpoint(ckpt, ["eval.tta=none"], trust_class_path=True)["test_loss"]
     assert plain != pytest.approx(result.history[-1]["test_loss"], rel=1e-6)
     runner = CliRunner()
-    out = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--tta", "none"])
+    out = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--tta", "none", "--trust-class-path"])
     assert out.exit_code == 0 and "tta none" in out.output
     assert_exit_2(runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--tta", "rotate"]), "eval.tta")
     image = tmp_path / "a.png"
     from PIL import Image
     Image.new("L", (28, 28), 128).save(image)
-    a = trainrig.predict(ckpt, [image], tta="none")[0].probabilities
-    b = trainrig.predict(ckpt, [image], tta="flip")[0].probabilities
+    a = trainrig.predict(ckpt, [image], tta="none", trust_class_path=True)[0].probabilities
+    b = trainrig.predict(ckpt, [image], tta="flip", trust_class_path=True)[0].probabilities
     assert a == pytest.approx(b, rel=1e-5)  # a uniform image is its own mirror

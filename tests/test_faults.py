@@ -18,7 +18,7 @@ import trainrig
 from trainrig import checkpoint
 from trainrig.cli import app
 
-from conftest import assert_exit_2
+from conftest import RESNET, assert_exit_2
 
 RECIPE = ["data.flip=true", "data.crop_padding=2", "sched.name=cosine", "data.synthetic_train=128",
           "data.batch_size=16", "epochs=3"]  # 8 steps an epoch, augmentation and a per-step schedule
@@ -122,8 +122,8 @@ def _newest_step(folder: Path) -> int:
 def test_kill_9_three_times_and_resume_auto_equals_uninterrupted(tmp_path, tiny_cfg):
     """The job-script loop: the same command after every crash; each SIGKILL lands at a random moment
     after a chosen step (mid-step, mid-save or between), never with a chance to clean up."""
-    full = trainrig.fit(tiny_cfg(*RECIPE, "name=full", "data.synthetic_test=64"), progress="off")
-    cmd, rng = _cli(tmp_path, "--resume", "auto"), random.Random(1)
+    full = trainrig.fit(tiny_cfg(*RECIPE, "name=full", "data.synthetic_test=64", RESNET), progress="off")
+    cmd, rng = _cli(tmp_path, "--resume", "auto"), random.Random(1)  # a ResNet18: steps slow enough to land in
     folder = tmp_path / "runs" / "killed" / "checkpoints"
     for after in (2, 9, 14):  # in epochs 1, 2 and 2-3 (8 steps each); saves every 3 steps and at epoch ends
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -14,13 +14,13 @@ from trainrig.cli import app
 from trainrig.config import SchedConfig
 from trainrig.errors import CheckpointError
 
-from conftest import assert_exit_2
+from conftest import RESNET, assert_exit_2
 
 runner = CliRunner()
 
 
 def test_loss_falls_and_run_folder_complete(tiny_cfg):
-    result = trainrig.fit(tiny_cfg("epochs=4", "data.synthetic_train=256"), progress="off")
+    result = trainrig.fit(tiny_cfg("epochs=4", "data.synthetic_train=256", RESNET), progress="off")
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < 0.2 * losses[0]
     # 10 classes: chance is 0.1; BatchNorm's running stats need ~30 steps before eval mode agrees

@@ -23,6 +23,8 @@ from user_models import Pairs, TinyNet
 
 runner = CliRunner()
 CLASSES = data.idx.FAMILY["fashion_mnist"].classes
+SMALL = ["model.class_path=user_models.TinyNet", "model.init_args={in_channels: 3}"]  # a test about a file
+# format of colour images: a two-conv network learns it too
 FOLDERS = [c.replace("/", "-") for c in CLASSES]  # "T-shirt/top" cannot be a folder name
 
 
@@ -100,7 +102,7 @@ def test_rgb_jpegs_of_another_size_in_one_folder(fashion, tmp_path):
                                         image_size=32))
     assert torch.equal(again.test_images, splits.test_images)  # the split is seeded
     result = _fit("data.name=imagefolder", f"data.root={tmp_path / 'photos'}", "data.val_fraction=0.2",
-                  "data.image_size=32", f"out_dir={tmp_path / 'runs'}", "data.batch_size=16")
+                  "data.image_size=32", f"out_dir={tmp_path / 'runs'}", "data.batch_size=16", *SMALL)
     assert result.history[0]["test_acc"] > 0.3
     assert trainrig.load_config(result.run_dir / "config.yaml").model.in_channels == 3
 
@@ -143,7 +145,7 @@ def test_cifar_python_and_binary_formats(fashion, tmp_path):
     assert a.classes == b.classes == CLASSES and a.channels == 3 and a.size == 32
     assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, vy)
     assert torch.equal(a.train_images[5, 0, 2:30, 2:30], tx[5])
-    result = _fit("data.name=cifar10", f"data.root={tmp_path}", f"out_dir={tmp_path / 'runs'}")
+    result = _fit("data.name=cifar10", f"data.root={tmp_path}", f"out_dir={tmp_path / 'runs'}", *SMALL)
     assert result.history[0]["test_acc"] > 0.3
     (py / "test_batch").write_bytes(pickle.dumps({"data": __import__("os").system}))  # code, not data
     data.cifar._read.cache_clear()

@@ -45,7 +45,7 @@ def logged(tmp_path_factory):
     cfg = trainrig.load_config(None, [
         "data.name=synthetic", "data.synthetic_train=128", "data.synthetic_test=64", "data.batch_size=32",
         "epochs=2", "threads=1", f"out_dir={tmp}", "name=tracked", "optim.name=adam", ALL, "log_every_n_steps=2",
-        "strategy=ddp", "devices=2"])
+        "strategy=ddp", "devices=2", "model.class_path=user_models.TinyNet"])
     return trainrig.fit(cfg, progress="off"), tmp
 
 

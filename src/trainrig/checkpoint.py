@@ -151,7 +151,8 @@ def prune(folder: Path, keep_last: int, top_k: int, scores: dict[int, float], ma
     for epoch, _, path in files:  # newest first: an epoch's first file seen is its end
         if epoch in scores:
             ends.setdefault(epoch, path)
-    ranked = sorted(ends, key=lambda e: scores[e], reverse=maximize)[:top_k]
+    ranked = sorted(ends, key=lambda e: (-scores[e] if maximize else scores[e], e))[:top_k]  # ties: the earlier
+    # epoch, as best.pt takes it
     keep |= {ends[e] for e in ranked}
     for _, _, path in files:
         if path not in keep:

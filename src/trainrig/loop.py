@@ -21,12 +21,12 @@ from torch import nn
 from . import callbacks as cb, checkpoint, config as config_mod, data, memory, models, report
 from .callbacks import Callback, Hooks
 from .config import Config
-from .errors import CheckpointError, ConfigError, TrainrigError
+from .errors import ConfigError
 from .launch import launch
 from .optim import build_optimizer
+from .plan import claim, main_decides, resume_mode, resumed_how, run_folder
 from .progress import Progress, ProgressMode
-from .resume import mutated, resume_config
-from .runlock import RunInUse, RunLock
+from .runlock import RunLock
 from .state import TrainState
 from .step import Stepper, autocast, eval_logits, full_precision
 from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy
@@ -180,7 +180,7 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     parts = UserParts(model, train_data, test_data)
     if cfg.launcher == "ray" and not DistEnv.from_environ().launched:
         return _fit_on_ray(cfg, resume, parts, everything)
-    if cfg.restarts and cfg.strategy == "ddp" and _resume_mode(cfg, resume) == "never" \
+    if cfg.restarts and cfg.strategy == "ddp" and resume_mode(cfg, resume) == "never" \
             and not DistEnv.from_environ().launched:
         # a restarted group must find this run's folder: pick (and create) it here, before the first start
         cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
@@ -198,10 +198,10 @@ def _fit_on_ray(cfg: Config, resume: bool | str, parts: UserParts, callbacks: Se
     root = Path(cfg.data.root)
     cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()), data=dataclasses.replace(
         cfg.data, root=str(root.resolve()) if root.exists() else cfg.data.root))
-    if _resume_mode(cfg, resume) == "never":
+    if resume_mode(cfg, resume) == "never":
         cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
     elif resume is True:
-        _run_dir(cfg, "strict")  # the checkpoint must exist and the recipe must match: say so before Ray starts
+        run_folder(cfg, "strict")  # the checkpoint must exist and the recipe must match: say so before Ray starts
     reported = fit_on_ray(cfg, functools.partial(_fit_worker, cfg, "auto", parts), callbacks)
     run_dir = Path(cfg.out_dir) / cfg.name
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)
@@ -209,10 +209,6 @@ def _fit_on_ray(cfg: Config, resume: bool | str, parts: UserParts, callbacks: Se
     best = max(history, key=lambda r: r["test_acc"])
     return FitResult(config_mod.load(raw=saved["config"]), run_dir, history, int(best["epoch"]),
                      float(best["test_acc"]), time.perf_counter() - started, list(reported.get("checksums", [])))
-
-
-def _resume_mode(cfg: Config, resume: bool | str) -> str:
-    return "strict" if resume is True else "auto" if "auto" in (resume, cfg.resume) else "never"
 
 
 def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
@@ -267,8 +263,8 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
     torch.set_num_threads(default_threads(cfg, env.local_world_size))
     if strategy.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    mode = _resume_mode(cfg, resume)
-    cfg, run_dir, resumed, warnings = _main_decides(strategy, lambda: _claim(cfg, mode, held))
+    mode = resume_mode(cfg, resume)
+    cfg, run_dir, resumed, warnings = main_decides(strategy, lambda: claim(cfg, mode, held))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     splits = _load_data(cfg, parts, env)
@@ -301,81 +297,14 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
                         f"in a new folder")
     for line in warnings:
         run.log(line)
-    run.log(f"run folder: {run_dir}{_how(run.state, resumed, mode)}  strategy: {strategy.describe()}")
+    run.log(f"run folder: {run_dir}{resumed_how(run.state, resumed, mode)}  strategy: {strategy.describe()}")
     return run
-
-
-def _how(state: TrainState, resumed: Path | None, mode: str) -> str:
-    if resumed is None:
-        return " (resume auto: no checkpoint yet, starting)" if mode == "auto" else ""
-    where = f"epoch {state.epoch + 1} at batch {state.batch}" if state.batch else f"after epoch {state.epoch}"
-    return f" (resumed {where} from {resumed.name})"
 
 
 def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
     source = data.user_source(parts.train_data, parts.test_data) if parts.train_data is not None else None
     return data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels, local_world=env.local_world_size,
                             pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
-
-
-def _run_dir(cfg: Config, mode: str) -> tuple[Config, Path, Path | None, list[str]]:
-    """never: a new run folder. strict: the existing one and the config it was trained with (only ``epochs``
-    and keys that do not change the result may differ: resume.resume_config). auto: strict when the folder
-    has a checkpoint, else a fresh start in that folder (it holds no trained state). Resuming takes the
-    newest readable checkpoint (returned with warnings about unreadable ones passed over)."""
-    run_dir = Path(cfg.out_dir) / cfg.name
-    folder = run_dir / "checkpoints"
-    found = folder.is_dir() and any(folder.glob("*.pt"))
-    if mode == "never" or (mode == "auto" and not found):
-        if mode == "auto" and run_dir.is_dir():
-            return cfg, run_dir, None, []
-        run_dir = report.new_run_dir(cfg.out_dir, cfg.name)
-        return dataclasses.replace(cfg, name=run_dir.name), run_dir, None, []
-    if not found:
-        raise CheckpointError(f"--resume: no checkpoint in {folder} (--resume auto starts the run when there is none)")
-    saved, path, warnings = checkpoint.newest_readable(folder)
-    trained = config_mod.load(raw=saved["config"])
-    warnings = [f"warning: {w}" for w in warnings]
-    changes = ", ".join(f"{k}={new!r} (was {old!r})" for k, (old, new) in mutated(trained, cfg).items())
-    if changes:
-        warnings.append(f"pbt: continuing {path.name} with {changes}, set in place")
-    return resume_config(trained, cfg, int(saved["epoch"])), run_dir, path, warnings
-
-
-def _claim(cfg: Config, mode: str, held: list[RunLock]) -> tuple[Config, Path, Path | None, list[str]]:
-    """Rank 0: the run folder (``_run_dir``), locked before its checkpoints are read (runlock.py); a fresh
-    run that lost a race for a new folder takes the next name."""
-    folder = Path(cfg.out_dir) / cfg.name
-    lock = RunLock.acquire(folder) if mode != "never" and folder.is_dir() else None
-    for _ in range(20):
-        try:
-            found = _run_dir(cfg, mode)
-            lock = lock or RunLock.acquire(found[1])
-        except RunInUse:
-            if mode == "never":
-                continue
-            raise
-        except BaseException:
-            if lock:
-                lock.release()
-            raise
-        held.append(lock)
-        return (*found[:3], [lock.note] * bool(lock.note) + found[3])
-    raise RunInUse(f"{cfg.out_dir}: other runs keep taking the new folders for {cfg.name!r}")
-
-
-def _main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:
-    """Rank 0 runs ``decide`` (e.g. picks the run folder) and every rank gets its result or its error."""
-    outcome: Any = None
-    if strategy.is_main:
-        try:
-            outcome = ("ok", decide())
-        except TrainrigError as exc:
-            outcome = ("error", exc)
-    status, value = strategy.broadcast(outcome)
-    if status == "error":
-        raise value
-    return value
 
 
 def _build_model(cfg: Config, given: nn.Module | None = None) -> nn.Module:

@@ -174,7 +174,9 @@ class Watchdog(Callback):
                 pass
         self.fired = True
         _async_raise(self.main, message)
-        if self.stop.wait(GRACE_S):  # the main thread took it and the run is ending (on_exception)
+        # the main thread takes it when it next runs Python; inside a collective it would not before the
+        # collective's own timeout, so then the process leaves at once
+        if not waiting(place) and self.stop.wait(GRACE_S):  # taken: the run is ending (on_exception)
             return
         _signal_children(signal.SIGKILL)  # data loader workers: a stopped one would outlive us
         (self.report or _print)(message)

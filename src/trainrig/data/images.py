@@ -108,11 +108,11 @@ def native_channels(x: torch.Tensor) -> int:
 
 def resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """uint8 (..., C, H, W): shorter side to ``size`` (antialiased), then the centre ``size`` x ``size``."""
-    from torchvision.transforms.v2 import functional as F
-
     h, w = x.shape[-2:]
     if size is None or (h == size and w == size):
         return x
+    from torchvision.transforms.v2 import functional as F
+
     if min(h, w) != size:
         x = F.resize(x, [size], antialias=True)
     return F.center_crop(x, [size, size])

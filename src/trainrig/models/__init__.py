@@ -11,7 +11,6 @@ import difflib
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from ..config import ModelConfig
@@ -31,6 +30,8 @@ _ARCH_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
 
 
 def torchvision_archs() -> list[str]:
+    import torchvision  # here, not at import: a process training your own class never pays its ~2 s
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -71,6 +72,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         return weights.get_state_dict(progress=False)
@@ -127,6 +130,8 @@ def _torchvision_model(cfg: ModelConfig, gen: torch.Generator | None) -> nn.Modu
                           f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (list: "
                           f"torchvision.models.list_models(module=torchvision.models); timm models: timm/<name>)")
     in_channels, num_classes = _channels_classes(cfg)
+    import torchvision
+
     model = torchvision.models.get_model(cfg.arch, **_ARCH_KWARGS.get(cfg.arch, {}))
     conv_path, head_path = first_conv(model), head(model)
     state, source = None, ""
