@@ -172,3 +172,30 @@ class WaitFor(Callback):
         deadline = time.monotonic() + 120
         while not Path(self.path).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class HoldAt(Callback):
+    """Rank 0, after ``step`` optimizer steps, writes ``ready`` and waits (up to two minutes) until it gets
+    SIGTERM or SIGUSR1 (passed on to the run's own handler): the step where the run notices a signal sent
+    meanwhile then does not depend on how fast the steps go."""
+
+    def __init__(self, step: int, ready: str):
+        self.step, self.ready = step, ready
+
+    def on_train_batch_end(self, run, step, loss) -> None:
+        import time
+
+        if run.state.global_step != self.step or Path(self.ready).exists():
+            return
+        got = []
+
+        def note(signum, frame):
+            got.append(signum)
+            previous[signum](signum, frame)
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        Path(self.ready).write_text(f"{os.getpid()}\n")
+        deadline = time.monotonic() + 120
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -234,3 +234,12 @@ def test_outputs_below_a_file_or_in_an_unwritable_place(trained, tmp_path):
     assert_exit_2(runner.invoke(app, ["eval", "--checkpoint", str(run_dir), *trust]),
                   f"{run_dir}: is a folder; give a checkpoint file such as {run_dir / 'checkpoints' / 'best.pt'}")
     assert checkpoint.load(best)["epoch"] == 1
+
+
+def test_resume_auto_on_a_file_named_like_the_run(tmp_path):
+    """Was a new folder on every restart (name-2, name-3, ...): each start silently began again."""
+    (tmp_path / "smoke").write_text("not a run")
+    result = runner.invoke(app, ["fit", "-c", "configs/smoke.yaml", "--quiet", "--set", f"out_dir={tmp_path}",
+                                 "--resume", "auto"])
+    assert_exit_2(result, f"--resume: {tmp_path / 'smoke'} is a file, not a run folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke"]

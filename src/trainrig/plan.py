@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from . import checkpoint, config as config_mod, report
 from .config import Config
-from .errors import CheckpointError, TrainrigError
+from .errors import CheckpointError, ConfigError, TrainrigError
 from .resume import mutated, resume_config
 from .runlock import RunInUse, RunLock
 from .state import TrainState
@@ -26,6 +26,8 @@ def run_folder(cfg: Config, mode: str) -> tuple[Config, Path, Path | None, list[
     has a checkpoint, else a fresh start in that folder (it holds no trained state). Resuming takes the
     newest readable checkpoint (returned with warnings about unreadable ones passed over)."""
     run_dir = Path(cfg.out_dir) / cfg.name
+    if mode != "never" and run_dir.exists() and not run_dir.is_dir():  # else each restart would start elsewhere
+        raise ConfigError(f"--resume: {run_dir} is a file, not a run folder; move it or choose another name")
     folder = run_dir / "checkpoints"
     found = folder.is_dir() and any(folder.glob("*.pt"))
     if mode == "never" or (mode == "auto" and not found):

@@ -32,6 +32,9 @@ class PBTSettings:
                                    min=0.0, max=0.5)
     resample_probability: float = opt(0.25, "pbt: chance a mutated value is drawn afresh instead of perturbed.",
                                       min=0.0, max=1.0)
+    synch: bool = opt(False, "pbt: decide for every trial at once when all reached the perturbation point (Ray's "
+                      "synchronous PBT): the same decisions whatever the timing, at the cost of trials waiting "
+                      "(paused) for the slowest.")
 
 
 @dataclass(frozen=True)

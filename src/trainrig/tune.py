@@ -250,7 +250,7 @@ def _scheduler(cfg: Config):
         "pbt": lambda: PopulationBasedTraining(
             time_attr="training_iteration", perturbation_interval=s.pbt.perturbation_interval,
             hyperparam_mutations=ray_space(pbt_mutations(cfg), "random"), quantile_fraction=s.pbt.quantile_fraction,
-            resample_probability=s.pbt.resample_probability),
+            resample_probability=s.pbt.resample_probability, synch=s.pbt.synch),
     }
     return builders[s.scheduler]()
 

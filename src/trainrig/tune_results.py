@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,19 @@ def _trial_rows(cfg: Config, grid: Any, exp_dir: Path) -> list[dict]:
             reason = "completed"
         else:
             reason = f"stopped early by {cfg.tune.scheduler}"
-        pbt = _pbt_history(exp_dir, (result.metrics or {}).get("trial_id")) if cfg.tune.scheduler == "pbt" else {}
+        pbt = _pbt_history(exp_dir, _trial_id(result)) if cfg.tune.scheduler == "pbt" else {}
         rows.append({"trial": Path(result.path).name if result.path else "?", **{f"param:{k}": v for k, v in params.items()},
                      f"final_{metric}": values[-1] if values else float("nan"),
                      f"best_{metric}": better(values) if values else float("nan"),
                      "epochs_run": epochs, "stop_reason": reason, **pbt, "_curve": values})
     return rows
+
+
+def _trial_id(result: Any) -> str | None:
+    """The trial's id from its folder (``_trial_<id>_<n>_...``): a trial that continued from another's
+    checkpoint in a reused worker may report the donor's ``trial_id`` in its metrics."""
+    found = re.match(r"_trial_([0-9a-f]+_\d+)_", Path(result.path).name) if result.path else None
+    return found.group(1) if found else (result.metrics or {}).get("trial_id")
 
 
 def _pbt_history(exp_dir: Path, trial_id: str | None) -> dict[str, str]:

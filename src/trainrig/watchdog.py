@@ -72,7 +72,7 @@ class Watchdog(Callback):
 
     def _reset(self) -> None:
         self.last, self.step, self.thread, self.log, self.store = time.monotonic(), 0, None, None, None
-        self.fired = False
+        self.fired = self.dumped = False
         self.stop = threading.Event()
 
     def __getstate__(self) -> dict:  # travels to spawned ranks before it is armed
@@ -118,7 +118,7 @@ class Watchdog(Callback):
         self.rank, self.world = run.strategy.env.rank, run.strategy.env.world_size
         self.log = open(run.run_dir / "log.txt", "a")
         self.store = _own_store() if self.world > 1 else None
-        self.main = threading.main_thread().ident
+        self.main = threading.get_ident()  # the thread that trains (not the main one under Ray Train / Tune)
         self.interval = max(0.2, min(2.0, self.timeout_s / 10))
         faulthandler.register(_DUMP_SIGNAL, file=self.log, all_threads=True, chain=False)
         self.thread = threading.Thread(target=self._watch, name="trainrig-watchdog", daemon=True)
@@ -158,7 +158,7 @@ class Watchdog(Callback):
         try:
             idle = time.monotonic() - self.last
             self.store.set(f"watchdog/{self.rank}", f"{time.time():.1f}|{idle:.1f}|{self.step}|{place}")
-            if self.store.check(["watchdog/dump"]) and not getattr(self, "dumped", False):
+            if not self.dumped and self.store.check(["watchdog/dump"]):
                 self.dumped = True
                 self._dump(f"rank {self.rank}: stacks on request of {self.store.get('watchdog/dump').decode()}")
         except Exception:  # a peer's stopped store: the rank that fires reports it

@@ -53,6 +53,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state_dict (or a trainrig checkpoint holding one under ``model``) with weights_only=True;
     ``.safetensors`` files too (as ``trainer export`` writes them)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"model.weights: {path} is a folder; give a weights or checkpoint file (e.g. "
+                              f"{path / 'checkpoints' / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"model.weights: file not found: {path}")
     try:
