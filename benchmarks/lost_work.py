@@ -84,13 +84,17 @@ def main() -> None:
         rows.append((i + 1, delay, redone, restart))
         extra = f"; {steps} steps redone, exit {code} {stop:.1f} s after the signal" if steps is not None else ""
         print(f"{args.signal.lower()} {i + 1}: {delay:.0f} s into the attempt; training redone {redone:.1f} s "
-              f"(last save {killed - saved:.1f} s before the signal){extra}; this attempt reached its first step "
+              f"({_when(killed - saved)}){extra}; this attempt reached its first step "
               f"{restart:.1f} s after launch",
               flush=True)
     if rows:
         mean = sum(r[2] for r in rows) / len(rows)
         print(f"\nmean training redone per failure: {mean:.1f} s over {len(rows)} kills "
               f"(max {max(r[2] for r in rows):.1f} s); cpu: {os.cpu_count()} cores; run folder {out / 'run'}")
+
+
+def _when(before: float) -> str:
+    return f"last save {before:.1f} s before the signal" if before >= 0 else f"saved {-before:.1f} s after the signal"
 
 
 def _steps(run: Path) -> list[int]:
