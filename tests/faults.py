@@ -176,8 +176,9 @@ class WaitFor(Callback):
 
 class HoldAt(Callback):
     """Rank 0, after ``step`` optimizer steps, writes ``ready`` and waits (up to two minutes) until it gets
-    SIGTERM or SIGUSR1 (passed on to the run's own handler): the step where the run notices a signal sent
-    meanwhile then does not depend on how fast the steps go."""
+    SIGTERM or SIGUSR1 (passed on to the run's own handler) or a STOP file appears in the run folder (then one
+    more second, so the run's once-a-second look at it comes at the next step): the step where the run
+    notices a request made meanwhile then does not depend on how fast the steps go."""
 
     def __init__(self, step: int, ready: str):
         self.step, self.ready = step, ready
@@ -194,8 +195,10 @@ class HoldAt(Callback):
             previous[signum](signum, frame)
         previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         Path(self.ready).write_text(f"{os.getpid()}\n")
-        deadline = time.monotonic() + 120
-        while not got and time.monotonic() < deadline:
+        deadline, stop_file = time.monotonic() + 120, Path(run.run_dir) / "STOP"
+        while not got and not stop_file.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+        if stop_file.exists():
+            time.sleep(1.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -104,10 +104,12 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("how", ["single", "spawned ddp", "one ddp rank, SIGUSR1"])
+@pytest.mark.parametrize("how", ["single", "spawned ddp", "one ddp rank, SIGUSR1", "ddp, a STOP file (ray's way)"])
 def test_a_preempted_run_saves_where_it_stops_and_resumes_bitwise(tmp_path, uninterrupted, how):
+    """SIGTERM to the launcher, SIGUSR1 to one rank, or a STOP file in the run folder (what the Ray driver
+    writes on a signal, and anyone may): every rank stops at one step, saved, and the run resumes bitwise."""
     ddp = {"strategy": "ddp", "devices": 2} if how != "single" else {}
-    signum = signal.SIGUSR1 if "SIGUSR1" in how else signal.SIGTERM
+    signum = signal.SIGUSR1 if "SIGUSR1" in how or "STOP" in how else signal.SIGTERM
     marker, ready = tmp_path / "signalled.txt", tmp_path / "ready"
     log = [{"class_path": "faults.StepLog"}]
     if "SIGUSR1" in how:  # one rank gets the signal, from within
@@ -123,7 +125,10 @@ def test_a_preempted_run_saves_where_it_stops_and_resumes_bitwise(tmp_path, unin
         deadline = time.monotonic() + 120
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        proc.send_signal(signum)
+        if "STOP" in how:
+            (run_dir / "STOP").write_text("USR1\n")
+        else:
+            proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signum, stderr[-3000:]
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)
@@ -136,3 +141,4 @@ def test_a_preempted_run_saves_where_it_stops_and_resumes_bitwise(tmp_path, unin
            in stderr, stderr[-3000:]
     trainrig.fit(trainrig.load_config(config), resume="auto", progress="off")  # the same command, in this process
     assert_same_run(uninterrupted(ddp), run_dir)
+    assert not (run_dir / "STOP").exists()  # the resumed run did not stop on the old request
