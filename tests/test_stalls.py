@@ -142,3 +142,25 @@ def test_a_preempted_run_saves_where_it_stops_and_resumes_bitwise(tmp_path, unin
     trainrig.fit(trainrig.load_config(config), resume="auto", progress="off")  # the same command, in this process
     assert_same_run(uninterrupted(ddp), run_dir)
     assert not (run_dir / "STOP").exists()  # the resumed run did not stop on the old request
+
+
+def test_the_ray_driver_turns_a_signal_into_a_stop_file_and_a_stop(tmp_path):
+    """launcher: ray's driver side (the workers' side is the STOP-file case above; the whole path was run by
+    hand on a local Ray, docs/ray.md): a signal to `trainer fit` becomes the STOP file rank 0 reads, the file
+    is gone afterwards, and the driver reports the stop - or that nothing had been saved yet."""
+    import os
+
+    from trainrig import ray_launch
+    from trainrig.preempt import Preempted
+
+    run_dir = tmp_path / "run"
+    with ray_launch._stop_file_on_signal(run_dir) as asked:
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled at the next bytecode boundary, in this thread
+        deadline = time.monotonic() + 5
+        while not asked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (run_dir / "STOP").read_text() == "USR1\n"
+    assert asked == [signal.SIGUSR1] and not (run_dir / "STOP").exists()
+    cfg = trainrig.load_config(None, ["epochs=2"])
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 before training began: nothing to save"):
+        ray_launch._raise_if_stopped(cfg, run_dir, signal.SIGUSR1)

@@ -21,7 +21,7 @@ from . import checkpoint, config as config_mod, report
 from .ema import WeightAverage
 from .errors import ConfigError
 from .imports import construct, import_class
-from .preempt import Preempted, StopRequest, signal_name
+from .preempt import Preempted, StopRequest, stop_message
 from .progress import Progress, ProgressMode, make_progress
 
 
@@ -217,10 +217,9 @@ class Checkpointing(Callback):
 
     def _stop(self, run: Any, signum: int) -> None:
         """Ask the loop to end the run once this step's (or epoch's) callbacks are done."""
-        where = f"epoch {run.state.epoch + 1} step {run.state.global_step}" if run.state.batch else \
-            f"the end of epoch {run.state.epoch}"
-        message = (f"stopped by {signal_name(signum)} at {where}: saved {run.run_dir / 'checkpoints' / 'last.pt'}; "
-                   f"continue with the same command and --resume auto") if run.strategy.is_main else ""
+        state = run.state
+        message = stop_message(signum, state.epoch, state.batch, state.global_step,
+                               run.run_dir / "checkpoints" / "last.pt") if run.strategy.is_main else ""
         run.stopping = Preempted(message, signum)
 
     def _due(self, run: Any) -> bool:

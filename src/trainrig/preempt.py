@@ -43,6 +43,13 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def stop_message(signum: int, epochs_done: int, batch: int, global_step: int, last: Path) -> str:
+    """What a stopped run prints: where it stopped, what it saved and how to go on."""
+    where = f"epoch {epochs_done + 1} step {global_step}" if batch else f"the end of epoch {epochs_done}"
+    return (f"stopped by {signal_name(signum)} at {where}: saved {last}; continue with the same command and "
+            f"--resume auto")
+
+
 def stop_file_signal(run_dir: Path) -> int:
     """The signal a STOP file in ``run_dir`` asks for (0: no file)."""
     path = run_dir / STOP_FILE

@@ -16,11 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from . import checkpoint
 from .callbacks import Callback
 from .config import Config
 from .errors import ConfigError, TrainrigError
 from .launch import WorkerFailed
-from .preempt import SIGNALS, STOP_FILE, Preempted, signal_name
+from .preempt import SIGNALS, STOP_FILE, Preempted, signal_name, stop_message
 from .strategy import group_timeout
 
 
@@ -52,10 +53,11 @@ def _worker_loop(config: dict) -> None:
 
     try:
         result = launch(config["cfg"], config["worker"], config["callbacks"])
-    except Preempted as exc:  # stopped and saved as asked (the driver's STOP file): not a failure to retry
-        ray.train.report({"preempted": exc.signum, "message": exc.message})
-        return
-    ray.train.report({} if result is None else {  # a barrier: every worker reports, the driver sees rank 0's
+    except Preempted:  # stopped and saved as asked (the driver's STOP file): not a failure for Ray to retry;
+        result = None  # the driver knows it asked and reads where the run stopped from the run folder
+    # A barrier: every worker reports. Ray Train (v2) hands the driver only metrics reported with a
+    # checkpoint, so these stay in the workers' logs; the driver reads the run's result from the run folder.
+    ray.train.report({} if result is None else {
         "best_test_acc": result.best_test_acc, "best_epoch": result.best_epoch,
         "checksums": list(result.param_checksums)})
 
@@ -90,8 +92,9 @@ def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> 
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=settings.max_failures)),
     )
+    run_dir = Path(cfg.out_dir) / cfg.name
     try:
-        with _stop_file_on_signal(Path(cfg.out_dir) / cfg.name):
+        with _stop_file_on_signal(run_dir) as asked:
             result = trainer.fit()
     except TrainrigError:
         raise
@@ -99,26 +102,41 @@ def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> 
         text = str(exc).strip().splitlines()
         cause = next((line for line in reversed(text) if "Error" in line), text[-1] if text else repr(exc))
         raise WorkerFailed(f"launcher: ray: the worker group failed: {cause.strip()}") from None
-    metrics = dict(result.metrics or {})
-    if metrics.get("preempted"):
-        raise Preempted(str(metrics.get("message") or ""), int(metrics["preempted"]))
-    return metrics
+    if asked:
+        _raise_if_stopped(cfg, run_dir, asked[0])
+    return dict(result.metrics or {})
+
+
+def _raise_if_stopped(cfg: Config, run_dir: Path, signum: int) -> None:
+    """After the driver asked the ranks to stop: Preempted, unless the run had finished all its epochs."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise Preempted(f"stopped by {signal_name(signum)} before training began: nothing to save", signum)
+    saved = checkpoint.load(last, mmap=True)
+    if int(saved["epoch"]) < cfg.epochs:
+        raise Preempted(stop_message(signum, int(saved["epoch"]), int(saved.get("batch", 0)),
+                                     int(saved["global_step"]), last), signum)
 
 
 @contextlib.contextmanager
-def _stop_file_on_signal(run_dir: Path) -> Iterator[None]:
+def _stop_file_on_signal(run_dir: Path) -> Iterator[list[int]]:
     """SIGTERM / SIGUSR1 to the driver become a STOP file in the run folder (preempt.py): Ray's workers run
-    elsewhere and train in a thread, where no signal handler can be set; rank 0 reads the file."""
+    elsewhere and train in a thread, where no signal handler can be set; rank 0 reads the file. Yields the
+    signals received."""
+    asked: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield asked
         return
 
     def ask(signum: int, frame: Any) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / STOP_FILE).write_text(signal_name(signum).removeprefix("SIG") + "\n")
+        asked.append(signum)
     previous = {sig: signal.signal(sig, ask) for sig in SIGNALS}
     try:
-        yield
+        yield asked
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if asked:  # honoured (the ranks saved and stopped) or too late (the run had ended): done with either way
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
