@@ -15,11 +15,10 @@ import queue as queue_mod
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from multiprocessing import connection as mp_connection
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ import torch.multiprocessing as mp
 from .callbacks import Callback, RunInfo
 from .config import Config
 from .errors import ConfigError, RunFailed, TrainrigError
-from .preempt import SIGNALS, Preempted, signal_name
+from .preempt import Preempted, on_stop_signals, signal_name
 from .rendezvous import agent_store_shared, fresh_store
 from .strategy import DistEnv, group_timeout
 from .watchdog import Watchdog
@@ -207,26 +206,14 @@ def _failure(index: int, code: int | None, errors: dict[int, Any], signalled: li
     return WorkerFailed(f"rank {index} died (exit code {code})")
 
 
-@contextlib.contextmanager
-def _forwarding(procs: list) -> Iterator[list[int]]:
+def _forwarding(procs: list) -> contextlib.AbstractContextManager[list[int]]:
     """SIGTERM / SIGUSR1 to the launcher go on to every rank (preempt.py); the list yielded records them."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-
-    def forward(signum: int, frame: Any) -> None:
-        got.append(signum)
+    def forward(signum: int) -> None:
         for p in procs:
             if p.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signum)
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
-    try:
-        yield got
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return on_stop_signals(forward)
 
 
 def _drain(results: Any, *wanted: str) -> Any:

@@ -10,11 +10,12 @@ number (143 for SIGTERM, 138 for SIGUSR1), as if the signal had ended it, after 
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 STOP_FILE = "STOP"  # a request file in the run folder: its text names the signal (empty = SIGTERM)
@@ -41,6 +42,27 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+@contextlib.contextmanager
+def on_stop_signals(action: Callable[[int], None]) -> Iterator[list[int]]:
+    """While inside, SIGTERM / SIGUSR1 call ``action(signum)`` instead of ending the process (a launcher or
+    driver passes them on); yields the list of signals received. Only the main thread may set handlers:
+    elsewhere nothing is installed."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        got.append(signum)
+        action(signum)
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_message(signum: int, epochs_done: int, batch: int, global_step: int, last: Path) -> str:

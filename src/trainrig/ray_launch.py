@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,7 +19,7 @@ from .callbacks import Callback
 from .config import Config
 from .errors import ConfigError, TrainrigError
 from .launch import WorkerFailed
-from .preempt import SIGNALS, STOP_FILE, Preempted, signal_name, stop_message
+from .preempt import STOP_FILE, Preempted, on_stop_signals, signal_name, stop_message
 from .strategy import group_timeout
 
 
@@ -123,20 +121,12 @@ def _stop_file_on_signal(run_dir: Path) -> Iterator[list[int]]:
     """SIGTERM / SIGUSR1 to the driver become a STOP file in the run folder (preempt.py): Ray's workers run
     elsewhere and train in a thread, where no signal handler can be set; rank 0 reads the file. Yields the
     signals received."""
-    asked: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
-
-    def ask(signum: int, frame: Any) -> None:
+    def ask(signum: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / STOP_FILE).write_text(signal_name(signum).removeprefix("SIG") + "\n")
-        asked.append(signum)
-    previous = {sig: signal.signal(sig, ask) for sig in SIGNALS}
-    try:
-        yield asked
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if asked:  # honoured (the ranks saved and stopped) or too late (the run had ended): done with either way
-            (run_dir / STOP_FILE).unlink(missing_ok=True)
+    with on_stop_signals(ask) as asked:
+        try:
+            yield asked
+        finally:
+            if asked:  # honoured (the ranks saved and stopped) or too late (the run had ended): done either way
+                (run_dir / STOP_FILE).unlink(missing_ok=True)
