@@ -104,11 +104,11 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("how", ["single", "spawned ddp", "one ddp rank, SIGUSR1", "ddp, a STOP file (ray's way)"])
+@pytest.mark.parametrize("how", ["single", "spawned ddp", "one ddp rank, SIGUSR1", "single, a STOP file (ray's way)"])
 def test_a_preempted_run_saves_where_it_stops_and_resumes_bitwise(tmp_path, uninterrupted, how):
     """SIGTERM to the launcher, SIGUSR1 to one rank, or a STOP file in the run folder (what the Ray driver
     writes on a signal, and anyone may): every rank stops at one step, saved, and the run resumes bitwise."""
-    ddp = {"strategy": "ddp", "devices": 2} if how != "single" else {}
+    ddp = {"strategy": "ddp", "devices": 2} if "ddp" in how else {}  # ranks agreeing: the SIGUSR1 case
     signum = signal.SIGUSR1 if "SIGUSR1" in how or "STOP" in how else signal.SIGTERM
     marker, ready = tmp_path / "signalled.txt", tmp_path / "ready"
     log = [{"class_path": "faults.StepLog"}]
