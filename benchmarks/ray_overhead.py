@@ -41,7 +41,7 @@ def run(name: str, extra: list[str], out: Path, epochs: int) -> dict[str, float]
     rows = list(csv.DictReader(open(out / name / "metrics.csv")))
     epochs_s = [float(r["seconds"]) for r in rows]
     return {"startup": first.get("t", float("nan")) - start, "epoch": sum(epochs_s[1:]) / max(1, len(epochs_s) - 1),
-            "first_epoch": epochs_s[0], "total": time.time() - start, "test_acc": float(rows[-1]["test_acc"])}
+            "first_epoch": epochs_s[0], "total": time.time() - start, "val_acc": float(rows[-1]["val_acc"])}
 
 
 def main() -> None:
@@ -52,10 +52,10 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     local = run("local", args.overrides, out, args.epochs)
     ray = run("ray", ["launcher=ray", "ray.num_workers=2", *args.overrides], out, args.epochs)
-    print(f"{'':8} {'startup s':>10} {'1st epoch s':>12} {'epoch s':>8} {'total s':>8} {'test acc':>9}")
+    print(f"{'':8} {'startup s':>10} {'1st epoch s':>12} {'epoch s':>8} {'total s':>8} {'val acc':>9}")
     for name, r in (("local", local), ("ray", ray)):
         print(f"{name:8} {r['startup']:10.1f} {r['first_epoch']:12.2f} {r['epoch']:8.2f} {r['total']:8.1f} "
-              f"{r['test_acc']:9.4f}")
+              f"{r['val_acc']:9.4f}")
     print(f"launcher: ray costs {ray['startup'] - local['startup']:+.1f} s before the first step and "
           f"{ray['epoch'] - local['epoch']:+.2f} s per epoch (epochs 2..{args.epochs}); {os.cpu_count()} cores")
 

@@ -77,6 +77,7 @@ def main() -> None:
     summary = []
     for seed in args.seeds:
         cfg = trainrig.load_config(args.config, [*args.overrides, f"seed={seed}", f"out_dir={out}",
+                                                 "eval.test_every_epoch=true",  # the test curve: DAWNBench's clock
                                                  f"name=seed{seed}"])
         print(f"seed {seed} ({cfg.epochs} epochs, eval.tta {cfg.eval.tta}):", flush=True)
         clock = Clock(time.perf_counter())

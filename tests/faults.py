@@ -81,7 +81,7 @@ class Recorder(Callback):
         self._note(run, f"batch {step} {float(loss):.6f}")
 
     def on_epoch_end(self, run, row) -> None:
-        self._note(run, f"epoch_end {row['epoch']} {row['train_loss']:.6f} {row['test_acc']:.6f}")
+        self._note(run, f"epoch_end {row['epoch']} {row['train_loss']:.6f} {row['val_acc']:.6f}")
 
     def on_fit_end(self, run) -> None:
         self._note(run, "fit_end")
@@ -202,3 +202,35 @@ class HoldAt(Callback):
             time.sleep(1.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class KillAtEpochEnd(Callback):
+    """SIGKILLs the process at the end of epoch ``epoch`` (1-based), after its checkpoint was written (the
+    built-in callbacks run first), the first time only (``marker``)."""
+
+    def __init__(self, epoch: int, marker: str):
+        self.epoch, self.marker = epoch, marker
+
+    def on_epoch_end(self, run, row) -> None:
+        if row["epoch"] == self.epoch and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"killed at the end of epoch {self.epoch}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SplitPrints(Callback):
+    """Every rank appends the fingerprints of its train / val / test splits to <run_dir>/splits-rank<R>.txt
+    (a tune trial: beside the experiment, in ``folder``)."""
+
+    rank_zero_only = False
+
+    def __init__(self, folder: str = ""):
+        self.folder = folder
+
+    def on_fit_start(self, run) -> None:
+        from trainrig.data import fingerprint
+
+        splits = run.splits
+        line = " ".join(fingerprint(ds) for ds in (splits.train, splits.val, splits.test))
+        folder = Path(self.folder) if self.folder else run.run_dir
+        with open(folder / f"splits-rank{run.strategy.env.rank}.txt", "a") as f:
+            f.write(line + "\n")

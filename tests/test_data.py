@@ -78,8 +78,9 @@ def test_real_fashion_mnist_when_installed():
     if data.idx.complete(data.idx.SYSTEM_DIR) is None:
         pytest.skip("dataset-fashion-mnist not installed (.ci/run installs it)")
     splits = data.load_splits(DataConfig(root=str(data.idx.SYSTEM_DIR)))
-    assert splits.train_images.shape == (60000, 1, 28, 28) and splits.test_images.shape == (10000, 1, 28, 28)
-    assert torch.bincount(splits.train_labels).tolist() == [6000] * 10
+    assert splits.train_images.shape == (54000, 1, 28, 28) and splits.test_images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(splits.train_labels).tolist() == [5400] * 10  # data.val_fraction 0.1, per class
+    assert torch.bincount(splits.val_labels).tolist() == [600] * 10
     assert torch.bincount(splits.test_labels).tolist() == [1000] * 10
     assert abs(splits.mean[0] - 0.2860) < 1e-3 and abs(splits.std[0] - 0.3530) < 1e-3  # the published values
     assert splits.classes[0] == "T-shirt/top" and splits.in_memory
@@ -90,8 +91,9 @@ def _batches(cfg: DataConfig, **kw):
 
 
 def test_batches_cover_epoch_once_and_reshuffle():
-    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=30, batch_size=16, eval_batch_size=7)
-    train, test, splits = _batches(cfg, seed=3)
+    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=30, batch_size=16, eval_batch_size=7,
+                     val_fraction=0)
+    train, _, test, splits = _batches(cfg, seed=3)
     assert len(train) == 7 and len(test) == 5
     x, y = next(iter(train))
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
@@ -103,7 +105,7 @@ def test_batches_cover_epoch_once_and_reshuffle():
     assert not torch.equal(labels0, labels1)
     train.set_epoch(0)
     assert torch.equal(torch.cat([y for _, y in train]), labels0)  # same epoch -> same order
-    _, test64, _ = _batches(cfg, seed=3, dtype=torch.float64)  # normalisation checked in float64
+    test64 = _batches(cfg, seed=3, dtype=torch.float64).test  # normalisation checked in float64
     xt = next(iter(test64))[0]
     expected = (splits.test_images[:1, 0].double() / 255 - splits.mean[0]) / splits.std[0]
     assert xt.dtype == torch.float64 and torch.allclose(xt[0, 0], expected[0], rtol=0, atol=1e-12)
@@ -136,17 +138,18 @@ def test_shards_count_each_test_sample_once():
 
 def test_dataloader_path_matches_memory_path():
     cfg = DataConfig(name="synthetic", synthetic_train=64, synthetic_test=40, batch_size=16, eval_batch_size=16)
-    _, test_mem, _ = _batches(cfg)
-    _, test_dl, _ = _batches(DataConfig(**{**cfg.__dict__, "loader": "dataloader"}))
+    test_mem = _batches(cfg).test
+    test_dl = _batches(DataConfig(**{**cfg.__dict__, "loader": "dataloader"})).test
     for (a, ya), (b, yb) in zip(test_mem, test_dl):
         assert torch.equal(ya, yb) and torch.allclose(a, b)
-    train_dl, _, splits = _batches(DataConfig(**{**cfg.__dict__, "loader": "dataloader"}))
+    train_dl, _, _, splits = _batches(DataConfig(**{**cfg.__dict__, "loader": "dataloader"}))
     assert sorted(torch.cat([y for _, y in train_dl]).tolist()) == sorted(splits.train_labels.tolist())
 
 
 def test_subset():
-    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=50, subset=20, test_subset=10)
-    train, test, _ = _batches(cfg)
+    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=50, subset=20, test_subset=10,
+                     val_fraction=0)
+    train, _, test, _ = _batches(cfg)
     assert train.num_samples == 20 and test.num_samples == 10
 
 

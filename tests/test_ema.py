@@ -8,12 +8,14 @@ import trainrig
 from trainrig import checkpoint
 from trainrig.cli import app
 from trainrig.ema import WeightAverage
-from trainrig.loop import evaluate, evaluate_checkpoint
+from trainrig.inference import evaluate_checkpoint
+from trainrig.loop import evaluate
 
 from conftest import assert_exit_2
 from faults import SaveAverage
 
-EMA = ["model.ema.decay=0.9", "data.flip=true", "sched.name=cosine", "data.batch_size=16", "epochs=2"]
+EMA = ["model.ema.decay=0.9", "data.flip=true", "sched.name=cosine", "data.batch_size=16", "epochs=2",
+       "eval.test_every_epoch=true", "data.val_fraction=0", "checkpoint.monitor=last"]  # 128 training images
 
 
 def test_update_is_a_warmed_up_lerp_and_copies_counters():
@@ -94,7 +96,7 @@ def test_flip_tta_averages_the_logits_of_both_views():
 
 
 def test_tta_in_fit_eval_and_predict(tiny_cfg, tmp_path):
-    result = trainrig.fit(tiny_cfg("eval.tta=flip", "epochs=1"), progress="off")
+    result = trainrig.fit(tiny_cfg("eval.tta=flip", "epochs=1", "eval.test_every_epoch=true"), progress="off")
     ckpt = result.run_dir / "checkpoints" / "last.pt"
     assert evaluate_checkpoint(ckpt, trust_class_path=True)["test_loss"] == \
         pytest.approx(result.history[-1]["test_loss"], rel=1e-5)

@@ -35,7 +35,7 @@ def assert_same_run(a: trainrig.FitResult, b_dir: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
     saved = checkpoint.load(b_dir / "checkpoints" / "last.pt")["history"]
     for ra, rb in zip(a.history, saved, strict=True):
-        for key in ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"):
+        for key in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"):
             assert ra[key] == rb[key], (ra["epoch"], key)
 
 
@@ -65,7 +65,7 @@ def test_mid_epoch_checkpoints_resume_exactly_and_keep_what_is_asked(tiny_cfg):
     assert_same_run(full, resumed.run_dir)
     folder = resumed.run_dir / "checkpoints"
     names = sorted(p.name for p in folder.glob("*.pt"))
-    best_epoch = max(resumed.history, key=lambda r: r["test_acc"])["epoch"]
+    best_epoch = max(resumed.history, key=lambda r: r["val_acc"])["epoch"]
     # the 2 newest (epoch 3's end and step 20) + the best epoch's end, beside the stable names
     kept = {"epoch=3-step=24.pt", "epoch=3-step=20.pt", f"epoch={best_epoch}-step={8 * best_epoch}.pt"}
     assert names == sorted(kept | {"last.pt", "best.pt"})
@@ -91,7 +91,7 @@ def test_unreadable_newest_checkpoint_falls_back_with_a_warning(tiny_cfg):
     assert any(line.startswith("warning: skipped") and "last.pt" in line for line in lines), lines
     assert any("resumed epoch 2 at batch 4 from epoch=2-step=12.pt" in line for line in lines), lines
     assert (folder / "last.pt.unreadable").is_file() and (folder / "epoch=2-step=16.pt").is_file()
-    assert [r["test_acc"] for r in again.history] == [r["test_acc"] for r in first.history]
+    assert [r["val_acc"] for r in again.history] == [r["val_acc"] for r in first.history]
 
 
 def test_nothing_readable_is_an_error_that_renames_nothing(tiny_cfg):
@@ -193,7 +193,7 @@ def test_a_killed_rank_restarts_the_group_spawned_and_under_torchrun(tiny_cfg, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.is_file(), "rank 1 was never killed"
     assert "(resumed epoch 1 at batch 2 from epoch=1-step=2.pt)" in proc.stderr, proc.stderr[-2000:]
-    assert proc.stdout.count("best test accuracy") == 1  # rank 0 alone reports
+    assert proc.stdout.count("test accuracy of its checkpoint") == 1  # rank 0 alone reports
     assert_same_run(full, full.run_dir.parent / "torchrun")
 
 

@@ -31,7 +31,7 @@ def test_cuda_training_matches_the_cpu_in_float64(tmp_path):
     gpu = trainrig.fit(trainrig.load_config(None, TINY + [f"out_dir={tmp_path}", "name=gpu", "device=cuda"]),
                        progress="off")
     assert _losses(gpu) == pytest.approx(_losses(cpu), rel=1e-7)
-    assert [r["test_acc"] for r in gpu.history] == [r["test_acc"] for r in cpu.history]
+    assert [r["val_acc"] for r in gpu.history] == [r["val_acc"] for r in cpu.history]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl DDP needs 2 GPUs (NCCL refuses two ranks on one)")

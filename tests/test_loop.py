@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -22,16 +23,17 @@ runner = CliRunner()
 def test_loss_falls_and_run_folder_complete(tiny_cfg):
     result = trainrig.fit(tiny_cfg("epochs=4", "data.synthetic_train=256", RESNET), progress="off")
     losses = [r["train_loss"] for r in result.history]
-    assert losses[-1] < 0.2 * losses[0]
+    assert losses[-1] < 0.3 * losses[0]
     # 10 classes: chance is 0.1; BatchNorm's running stats need ~30 steps before eval mode agrees
-    assert result.history[-1]["test_acc"] > 0.5
+    assert result.best_val_acc > 0.3 and result.test_acc > 0.3  # best.pt, chosen on 26 validation images
     run = result.run_dir
-    for name in ("config.yaml", "metrics.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in ("config.yaml", "metrics.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "eval.json", "confusion.png", "mistakes.png", "report.html"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s",
-                            "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
+                            "seconds"}  # no test column: the test set is read once, at the end
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in result.history:  # history holds plain floats, never tensors that could pin a graph
         assert all(isinstance(v, (int, float)) for v in row.values())
@@ -68,7 +70,7 @@ def test_callbacks_called_in_order_with_the_rows(tiny_cfg):
             for line in lines] == expected
     for epoch, row in enumerate(result.history, 1):
         end = next(line for line in lines if line.startswith(f"epoch_end {epoch} "))
-        assert end == f"epoch_end {epoch} {row['train_loss']:.6f} {row['test_acc']:.6f}"
+        assert end == f"epoch_end {epoch} {row['train_loss']:.6f} {row['val_acc']:.6f}"
     # the metrics.csv and checkpoint callbacks ran before the user's epoch_end
     assert (result.run_dir / "checkpoints" / "last.pt").is_file()
 
@@ -82,12 +84,12 @@ def test_user_callback_from_a_notebook_style_script(tmp_path):
         "    def __init__(self):\n"
         "        self.accs = []\n"
         "    def on_epoch_end(self, run, row):\n"
-        "        self.accs.append(row['test_acc'])\n"
+        "        self.accs.append(row['val_acc'])\n"
         f"cfg = trainrig.load_config('configs/smoke.yaml', ['epochs=2', 'out_dir={tmp_path}', 'threads=1',\n"
         "                                                   'data.synthetic_train=64'])\n"
         "collect = Collect()\n"
         "result = trainrig.fit(cfg, progress='off', callbacks=[collect])\n"
-        "assert collect.accs == [r['test_acc'] for r in result.history], collect.accs\n"
+        "assert collect.accs == [r['val_acc'] for r in result.history], collect.accs\n"
         "print('accs', len(collect.accs))\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,14 +117,16 @@ def test_cli_set_lands_in_saved_config_and_eval(tmp_path):
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "smoke" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.0042 and saved["epochs"] == 1 and saved["data"]["synthetic_train"] == 96
-    assert "best test accuracy" in result.output
+    assert "test accuracy of its checkpoint" in result.output
     again = trainrig.load_config(out / "smoke" / "config.yaml")  # the saved file alone reproduces the run
     assert again.optim.lr == 0.0042
     ev = runner.invoke(app, ["eval", "--checkpoint", str(out / "smoke" / "checkpoints" / "last.pt")])
     assert ev.exit_code == 0, ev.output
     acc = float(ev.output.split("test accuracy ")[1].split("%")[0])
     metrics = list(csv.DictReader(open(out / "smoke" / "metrics.csv")))
-    assert acc == pytest.approx(100 * float(metrics[-1]["test_acc"]), abs=0.01)
+    assert acc == pytest.approx(100 * json.loads((out / "smoke" / "eval-last" / "eval.json").read_text())["accuracy"],
+                                abs=0.01)
+    assert len(metrics) == 1
 
 
 def test_cli_eval_bad_checkpoint(tmp_path):

@@ -51,11 +51,12 @@ def _write_pngs(folder, images, labels):
 
 @pytest.fixture(scope="module")
 def png_run(fashion, tmp_path_factory):
-    """An ImageFolder of grey PNGs (train/ + val/) and one epoch trained on it."""
+    """An ImageFolder of grey PNGs (train/ + test/: the validation split is held out of train/) and one epoch
+    trained on it."""
     root = tmp_path_factory.mktemp("pngs")
     tx, ty, vx, vy = fashion
     _write_pngs(root / "train", tx, ty)
-    _write_pngs(root / "val", vx, vy)
+    _write_pngs(root / "test", vx, vy)
     lines = []
     result = _fit("data.name=imagefolder", f"data.root={root}", f"out_dir={root / 'runs'}",
                   callbacks=[Lines(lines)])
@@ -72,18 +73,19 @@ class Lines(trainrig.Callback):
 
 def test_imagefolder_of_pngs_learns_and_keeps_class_names(png_run):
     root, result, lines = png_run
-    assert result.history[0]["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert result.history[0]["val_acc"] > 0.3  # 10 classes: chance is 0.1
     cfg = trainrig.load_config(result.run_dir / "config.yaml")
     assert cfg.data.classes == sorted(FOLDERS) and cfg.model.num_classes == 10 and cfg.model.in_channels == 1
     assert cfg.data.image_size == 28 and len(cfg.data.mean) == 1
     saved = torch.load(result.run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert saved["config"]["data"]["classes"] == sorted(FOLDERS)
     assert lines[0].startswith(f"data: imagefolder {root}") and "decoded once into memory" in lines[0]
-    assert "1000 train / 300 test images, 1x28x28" in lines[0]
+    assert "899 train / 101 val / 300 test images, 1x28x28" in lines[0]  # val: 10% of train/, per class
 
 
 def test_rgb_jpegs_of_another_size_in_one_folder(fashion, tmp_path):
-    """RGB JPEGs, 40x48, randomly tinted (colour says nothing about the class), one folder split 80/20."""
+    """RGB JPEGs, 40x48, randomly tinted (colour says nothing about the class), one folder split into train,
+    validation (20%) and test (10%)."""
     tx, ty, _, _ = fashion
     gen = torch.Generator().manual_seed(0)
     big = torch.nn.functional.interpolate(tx[:600, None].float(), size=(40, 48), mode="bilinear")
@@ -95,15 +97,17 @@ def test_rgb_jpegs_of_another_size_in_one_folder(fashion, tmp_path):
     splits = data.load_splits(DataConfig(name="imagefolder", root=str(tmp_path / "photos"), val_fraction=0.2,
                                          image_size=32))
     assert splits.channels == 3 and splits.train_images.shape[1:] == (3, 32, 32)
-    held_out = torch.bincount(splits.test_labels, minlength=10).tolist()
-    per_class = dict(zip(FOLDERS, torch.bincount(ty[:600], minlength=10).tolist()))
-    assert held_out == [round(per_class[name] * 0.2) for name in splits.classes]  # stratified
+    per_class = [dict(zip(FOLDERS, torch.bincount(ty[:600], minlength=10).tolist()))[c] for c in splits.classes]
+    tested = [round(n * 0.1) for n in per_class]  # data.test_fraction first, then val_fraction of the rest
+    assert torch.bincount(splits.test_labels, minlength=10).tolist() == tested  # stratified
+    assert torch.bincount(splits.val_labels, minlength=10).tolist() == [round((n - t) * 0.2)
+                                                                         for n, t in zip(per_class, tested)]
     again = data.load_splits(DataConfig(name="imagefolder", root=str(tmp_path / "photos"), val_fraction=0.2,
                                         image_size=32))
     assert torch.equal(again.test_images, splits.test_images)  # the split is seeded
     result = _fit("data.name=imagefolder", f"data.root={tmp_path / 'photos'}", "data.val_fraction=0.2",
                   "data.image_size=32", f"out_dir={tmp_path / 'runs'}", "data.batch_size=16", *SMALL)
-    assert result.history[0]["test_acc"] > 0.3
+    assert result.history[0]["val_acc"] > 0.3
     assert trainrig.load_config(result.run_dir / "config.yaml").model.in_channels == 3
 
 
@@ -140,13 +144,13 @@ def test_cifar_python_and_binary_formats(fashion, tmp_path):
         (binary / f"data_batch_{i}.bin").write_bytes(rows.numpy().tobytes())
     (binary / "test_batch.bin").write_bytes(torch.cat([vy[:, None].to(torch.uint8), as_cifar(vx)], 1).numpy().tobytes())
     (binary / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n")
-    a = data.load_splits(DataConfig(name="cifar10", root=str(tmp_path)))
-    b = data.load_splits(DataConfig(name="cifar10", root=str(tmp_path / "bin")))
+    a = data.load_splits(DataConfig(name="cifar10", root=str(tmp_path), val_fraction=0))
+    b = data.load_splits(DataConfig(name="cifar10", root=str(tmp_path / "bin"), val_fraction=0))
     assert a.classes == b.classes == CLASSES and a.channels == 3 and a.size == 32
     assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, vy)
     assert torch.equal(a.train_images[5, 0, 2:30, 2:30], tx[5])
     result = _fit("data.name=cifar10", f"data.root={tmp_path}", f"out_dir={tmp_path / 'runs'}", *SMALL)
-    assert result.history[0]["test_acc"] > 0.3
+    assert result.history[0]["val_acc"] > 0.3
     (py / "test_batch").write_bytes(pickle.dumps({"data": __import__("os").system}))  # code, not data
     data.cifar._read.cache_clear()
     with pytest.raises(DataError, match="refusing to load posix.system"):
@@ -161,7 +165,7 @@ def test_mnist_format_files_train(fashion, tmp_path):
     for name, t in zip(data.idx.FILES.values(), (tx, ty, vx, vy)):
         write_idx(raw / name, t)
     result = _fit("data.name=mnist", f"data.root={tmp_path}", f"out_dir={tmp_path / 'runs'}", "model.in_channels=3")
-    assert result.history[0]["test_acc"] > 0.3
+    assert result.history[0]["val_acc"] > 0.3
     cfg = trainrig.load_config(result.run_dir / "config.yaml")
     assert cfg.data.classes == [str(d) for d in range(10)] and cfg.model.in_channels == 3 and len(cfg.data.std) == 3
 
@@ -218,7 +222,7 @@ def test_notebook_fit_with_own_module_and_datasets(fashion, tmp_path, strategy):
     loader = torch.utils.data.DataLoader(train, batch_size=64)  # contributes its dataset
     result = _fit(f"out_dir={tmp_path}", f"strategy={strategy}", "devices=2", "threads=1", "epochs=2",
                   model=TinyNet(width=16), train_data=loader, test_data=test)
-    assert result.history[-1]["test_acc"] > 0.3
+    assert result.history[-1]["val_acc"] > 0.3
     cfg = trainrig.load_config(result.run_dir / "config.yaml")
     assert cfg.model.class_path == "user_models.TinyNet" and cfg.data.classes == list(CLASSES)
     with pytest.raises(ConfigError, match="give both train_data and test_data"):
@@ -228,14 +232,14 @@ def test_notebook_fit_with_own_module_and_datasets(fashion, tmp_path, strategy):
 def test_predict_gives_the_label_eval_gives(png_run, tmp_path):
     root, result, _ = png_run
     best = result.run_dir / "checkpoints" / "best.pt"
-    preds = trainrig.predict(best, [root / "val"], top_k=3)
+    preds = trainrig.predict(best, [root / "test"], top_k=3)
     assert len(preds) == 300 and all(len(p.classes) == 3 for p in preds)
     trained = trainrig.load_trained(best)
     splits = data.load_splits(trained.cfg.data, channels=1)
-    _, test, _ = data.build(trained.cfg.data, device=torch.device("cpu"), splits=splits)
+    test = data.build(trained.cfg.data, device=torch.device("cpu"), splits=splits).test
     with torch.no_grad():
         eval_labels = torch.cat([trained.model(x).argmax(1) for x, _ in test]).tolist()
-    files = data.imagefolder.load(root, 0.1, 0)[1].paths  # the val files in the order eval saw them
+    files = data.imagefolder.load(root)[2].paths  # the test files in the order eval saw them
     order = {str(f): i for i, f in enumerate(files)}
     assert [p.labels[0] for p in sorted(preds, key=lambda p: order[p.path])] == eval_labels
     assert all(p.classes[0] == trained.classes[p.labels[0]] and p.probabilities[0] >= p.probabilities[1]
@@ -308,8 +312,8 @@ def test_cifar100_fine_labels_in_both_formats(tmp_path):
         (binary / f"{split}.bin").write_bytes(rows.numpy().tobytes())
     (py / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["c"] * 20}))
     (binary / "fine_label_names.txt").write_text("\n".join(names))
-    a = data.load_splits(DataConfig(name="cifar100", root=str(tmp_path)))
-    b = data.load_splits(DataConfig(name="cifar100", root=str(tmp_path / "b")))
+    a = data.load_splits(DataConfig(name="cifar100", root=str(tmp_path), val_fraction=0))
+    b = data.load_splits(DataConfig(name="cifar100", root=str(tmp_path / "b"), val_fraction=0))
     assert a.classes == b.classes == tuple(names)
     assert torch.equal(a.train_labels, fine["train"]) and torch.equal(b.test_labels, fine["test"])
     assert torch.equal(a.train_images, images["train"].reshape(-1, 3, 32, 32))

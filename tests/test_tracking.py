@@ -56,9 +56,9 @@ def test_tensorboard_event_files(logged):
     acc = EventAccumulator(str(result.run_dir / "tensorboard"))
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "epoch/test_acc", "epoch/train_loss"} <= set(scalars)
+    assert {"train/loss", "train/lr", "epoch/val_acc", "epoch/train_loss"} <= set(scalars)
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]  # 4 steps per epoch, every 2nd
-    assert [round(e.value, 6) for e in acc.Scalars("epoch/test_acc")] == [round(r["test_acc"], 6) for r in result.history]
+    assert [round(e.value, 6) for e in acc.Scalars("epoch/val_acc")] == [round(r["val_acc"], 6) for r in result.history]
     assert "curves" in acc.Tags()["images"]
     assert len(list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
 
@@ -73,8 +73,8 @@ def test_mlflow_run_params_metrics_artifacts(logged, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])  # one, not per rank
     assert run.data.params["optim.name"] == "adam" and run.data.params["epochs"] == "2"
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
-    history = client.get_metric_history(run.info.run_id, "epoch_test_acc")
-    assert [m.value for m in history] == pytest.approx([r["test_acc"] for r in result.history])
+    history = client.get_metric_history(run.info.run_id, "epoch_val_acc")
+    assert [m.value for m in history] == pytest.approx([r["val_acc"] for r in result.history])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6, 8]
     files = {f.path for f in client.list_artifacts(run.info.run_id)} | \
         {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -84,8 +84,8 @@ def test_mlflow_run_params_metrics_artifacts(logged, monkeypatch):
 def test_wandb_offline_run_history(logged):
     result, _ = logged
     rows = wandb_history(result.run_dir)
-    epochs = [r for r in rows if "epoch/test_acc" in r]
-    assert [r["epoch/test_acc"] for r in epochs] == pytest.approx([r["test_acc"] for r in result.history])
+    epochs = [r for r in rows if "epoch/val_acc" in r]
+    assert [r["epoch/val_acc"] for r in epochs] == pytest.approx([r["val_acc"] for r in result.history])
     assert [r["_step"] for r in rows if "train/loss" in r] == [2, 4, 6, 8]
 
 
@@ -123,7 +123,7 @@ def test_trainer_runs_compares_folders(tiny_cfg, tmp_path, monkeypatch):
     assert [s.name for s in summaries] == ["a", "b", "c"]
     assert [s.status for s in summaries] == ["done", "done", "interrupted (1/2)"]
     assert runs.differing(summaries) == ["epochs", "optim.lr", "callbacks"]
-    assert summaries[1].best_acc == summaries[1].history[0]["test_acc"] and summaries[2].best_epoch == 1
+    assert summaries[1].best_acc == summaries[1].history[0]["val_acc"] and summaries[2].best_epoch == 1
     res = CliRunner().invoke(app, ["runs", str(tmp_path / "runs"), "--last", "2", "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0, res.output
     rows = [line.split("│")[1:-1] for line in res.output.splitlines() if line.startswith("│")]

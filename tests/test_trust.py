@@ -211,7 +211,7 @@ def test_trainer_runs_flags_damaged_runs_and_lists_the_rest(trained, tmp_path):
     assert "Traceback" not in result.output
     text = " ".join(result.output.split())
     for name, why in (("cut", "metrics.csv damaged (a row is cut short or too long)"),
-                      ("nocolumn", "metrics.csv damaged (no test_acc column)"),
+                      ("nocolumn", "metrics.csv damaged (no lr column)"),
                       ("listconfig", "config.yaml is a list, not a mapping")):
         assert f"damaged: {tmp_path / name}: {why}" in text, text
     assert "│ ok " in result.output and "1/1 damaged" in text  # cut: its epochs read from last.pt

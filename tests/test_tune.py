@@ -86,7 +86,7 @@ def test_hyperopt_asha_end_to_end(tmp_path):
     assert best.optim.lr == pytest.approx(result.best_params["optim.lr"])
     assert Path(best.model.weights).is_relative_to(exp) and Path(best.model.weights).name == "last.pt"
     # the warm start begins at the trial's accuracy: its weights are the trial's last ones ...
-    assert trainrig.evaluate_checkpoint(best.model.weights)["test_acc"] == result.best_metrics["accuracy"]
+    assert trainrig.evaluate_checkpoint(best.model.weights)["test_acc"] == result.best_metrics["test_acc"]
     # ... and trains on from them: its first epoch's training loss is far below a start from scratch (test
     # accuracy after one more epoch on 96 images mostly shows BatchNorm's running statistics catching up)
     warm = trainrig.fit(best, progress="off").history[0]
@@ -108,7 +108,7 @@ def test_trials_with_strategy_ddp_run_as_ddp_groups(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=(result.experiment_dir / "mlruns").as_uri())
     logged = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert sorted(r.info.run_name for r in logged) == sorted(t.name for t in result.experiment_dir.glob("_trial_*"))
-    assert all(len(client.get_metric_history(r.info.run_id, "epoch_test_acc")) == 1 for r in logged)
+    assert all(len(client.get_metric_history(r.info.run_id, "epoch_val_acc")) == 1 for r in logged)
     rows = list(csv.DictReader(open(result.experiment_dir / "trials.csv")))
     assert len(rows) == 2 and all(r["stop_reason"] == "completed" and r["epochs_run"] == "1" for r in rows)
     for trial in result.experiment_dir.glob("_trial_*"):
@@ -126,3 +126,34 @@ def test_refuses_to_overwrite_and_needs_experiment_for_resume(tmp_path):
         tune.run(tune_cfg(tmp_path))
     with pytest.raises(ConfigError, match="no experiment at"):
         tune.run(tune_cfg(tmp_path, "tune.name=other"), resume=True)
+
+
+def test_asha_and_best_yaml_never_read_the_test_set(tmp_path):
+    """The same ASHA search twice, the second time with the test labels permuted: the same trials are cut at
+    the same rungs and the same best.yaml is chosen (one trial at a time, so ASHA's rungs see the same order);
+    the best trial's test accuracy is measured once, after the choice. The trials hold out the same
+    validation images (hashed)."""
+    from test_honest import fashion_files
+
+    outcomes = []
+    for name, permute in (("plain", False), ("permuted", True)):
+        root = fashion_files(tmp_path / f"data-{name}", permute)
+        cfg = tune_cfg(tmp_path, "data.name=fashion_mnist", f"data.root={root}", "tune.scheduler=asha",
+                       "tune.searcher=random", "tune.max_concurrent=1", "epochs=3", "tune.max_t=3",
+                       "tune.grace_period=1", "tune.reduction_factor=2", f"tune.name={name}", "tune.num_samples=5",
+                       "tune.search_space={optim.lr: {loguniform: [1.0e-3, 5.0e-2]}}",
+                       f"callbacks=[{{class_path: faults.SplitPrints, init_args: {{folder: '{tmp_path}'}}}}]")
+        result = tune.run(cfg, verbose=False)
+        rows = sorted((r["param:optim.lr"], r["epochs_run"], r["stop_reason"],
+                       r["final_val_acc"], r["test_acc"] != "") for r in csv.DictReader(open(
+                           result.experiment_dir / "trials.csv")))
+        best = yaml.safe_load((result.experiment_dir / "best.yaml").read_text())
+        outcomes.append((rows, result.best_params, best["optim"], best["epochs"], result.best_metrics))
+    (rows_a, params_a, optim_a, epochs_a, metrics_a), (rows_b, params_b, optim_b, epochs_b, metrics_b) = outcomes
+    assert any(r[2].startswith("stopped early by asha") for r in rows_a), rows_a  # ASHA did cut trials ...
+    assert rows_a == rows_b and params_a == params_b  # ... the same ones, at the same rungs
+    assert optim_a == optim_b and epochs_a == epochs_b and metrics_a["val_acc"] == metrics_b["val_acc"]
+    assert sum(r[4] for r in rows_a) == 1  # one test figure: the best trial's
+    assert metrics_a["test_acc"] is not None and metrics_b["test_acc"] is not None
+    prints = {line for line in (tmp_path / "splits-rank0.txt").read_text().splitlines()}
+    assert len((tmp_path / "splits-rank0.txt").read_text().splitlines()) == 10 and len(prints) == 2  # 1 per data

@@ -16,7 +16,8 @@ from .config import Config, load as load_config
 from .errors import ConfigError, DataError, TrainrigError
 from .export import export
 from .inference import Prediction, load_trained, predict
-from .loop import FitResult, evaluate_checkpoint, fit
+from .inference import evaluate_checkpoint
+from .loop import FitResult, fit
 from .models import build_model
 
 __all__ = ["Callback", "Config", "ConfigError", "DataError", "FitResult", "Prediction", "TrainrigError",

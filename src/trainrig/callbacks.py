@@ -4,7 +4,7 @@ A callback overrides the hooks it needs. ``rank_zero_only`` (default True) runs 
 False runs it on every rank. Under spawned DDP, callbacks are pickled into each rank, so they must be
 picklable (defined at module level, holding plain data); one with ``in_launcher = True`` instead stays
 in the process that called ``fit`` and receives rank 0's ``on_fit_start`` / ``on_epoch_end`` /
-``on_fit_end`` with a ``RunInfo`` (cfg and run_dir only), e.g. Tune reporting.
+``on_test_end`` / ``on_fit_end`` with a ``RunInfo`` (cfg and run_dir only), e.g. Tune reporting.
 
 Built in (in this order before the user's): progress, curves.png, the weight average (model.ema), checkpoints,
 then the configured loggers (loggers.py: metrics.csv/steps.csv by default, TensorBoard, MLflow, W&B).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import checkpoint, config as config_mod, report
+from . import checkpoint, choose, config as config_mod, report
 from .ema import WeightAverage
 from .errors import ConfigError
 from .imports import construct, import_class
@@ -51,7 +51,8 @@ class Callback:
         only when you log it: it waits for the device)."""
 
     def on_evaluate_start(self, run: Any) -> None:
-        """The epoch's training is done (BatchNorm statistics synchronised); the test pass starts."""
+        """The epoch's training is done (BatchNorm statistics synchronised); the validation pass starts (and
+        the test pass, with eval.test_every_epoch)."""
 
     def on_evaluate_batch_end(self, run: Any, batch: int) -> None:
         """After each evaluation batch (1-based ``batch``)."""
@@ -60,10 +61,13 @@ class Callback:
         """The test pass is done (also when it raised)."""
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
-        """``row``: the epoch's metrics as floats (epoch, lr, train_loss, train_acc, test_loss, test_acc, ...)."""
+        """``row``: the epoch's metrics as floats (epoch, lr, train_loss, train_acc, val_loss, val_acc, ...)."""
+
+    def on_test_end(self, run: Any, report: dict) -> None:
+        """The test set was evaluated once, on the chosen checkpoint: ``report`` is eval.json's content."""
 
     def on_fit_end(self, run: Any) -> None:
-        """Training finished normally."""
+        """Training finished normally (after the final test)."""
 
     def on_exception(self, run: Any, exc: BaseException) -> None:
         """Training raised ``exc`` (it is re-raised after the callbacks ran)."""
@@ -207,10 +211,8 @@ class Checkpointing(Callback):
             self._save(run, run.state.epoch + 1, partial=run.stepper.running_totals())
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
-        monitor = run.cfg.checkpoint.monitor
-        earlier = [r[monitor] for r in run.state.history[:-1]]
-        better = max if monitor.endswith("acc") else min
-        self._save(run, run.state.epoch, best=not earlier or better(earlier + [row[monitor]]) != better(earlier))
+        chosen = choose.best_row(run.state.history, run.cfg.checkpoint.monitor)
+        self._save(run, run.state.epoch, best=chosen is row)
         signum = self.stop.poll(run) or self.stop_at_epoch_end
         if signum and run.state.epoch < run.cfg.epochs:
             self._stop(run, signum)
@@ -241,9 +243,9 @@ class Checkpointing(Callback):
         folder, settings = run.run_dir / "checkpoints", run.cfg.checkpoint
         state = {**run.state.state_dict(partial), "config": config_mod.to_dict(run.cfg)}
         checkpoint.save_step(folder, epoch, run.state.global_step, state, best=best)
-        scores = {int(r["epoch"]): float(r[settings.monitor]) for r in run.state.history}
+        scores = {int(r["epoch"]): choose.score(r, settings.monitor) for r in run.state.history}
         checkpoint.prune(folder, settings.keep_last, settings.save_top_k, scores,
-                         maximize=settings.monitor.endswith("acc"))
+                         maximize=choose.maximize(settings.monitor))
 
 
 def builtin(cfg: Any, progress: ProgressMode | Progress = "auto") -> list[Callback]:

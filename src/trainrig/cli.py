@@ -88,17 +88,28 @@ def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
     result = run_fit(cfg, resume="auto" if resume_mode else resume, progress="off" if quiet else "auto")
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return
+    out.print(fit_table(result))
+    monitor = result.config.checkpoint.monitor
+    stopped = f"; early stopping after epoch {result.stopped_early}" if result.stopped_early else ""
+    tested = (f"test accuracy of its checkpoint {_pct(result.test_acc)} (seed {result.config.seed}, test set read "
+              f"once)" if result.test else "the test set not evaluated (eval.test: false)")
+    out.print(f"chosen by {monitor}: epoch {result.best_epoch}{stopped}; {tested}; run folder {result.run_dir} "
+              f"(report.html, eval.json, metrics.csv, curves.png, checkpoints/)")
+
+
+def fit_table(result) -> Table:
+    """One line per epoch; the chosen one in green; test columns only with eval.test_every_epoch."""
     table = Table(title=f"{result.config.name}: {len(result.history)} epochs in {result.seconds / 60:.1f} min")
-    for col in ("epoch", "train loss", "train acc", "test loss", "test acc", "lr", "img/s", "s"):
+    splits = [s for s in ("train", "val", "test") if result.history and f"{s}_loss" in result.history[0]]
+    columns = ["epoch", *(f"{s} {m}" for s in splits for m in ("loss", "acc")), "lr", "img/s", "s"]
+    for col in columns:
         table.add_column(col, justify="right")
     for r in result.history:
         style = "bold green" if r["epoch"] == result.best_epoch else None
-        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", _pct(r["train_acc"]), f"{r['test_loss']:.4f}",
-                      _pct(r["test_acc"]), f"{r['lr']:.2e}", f"{r['images_per_s']:.0f}", f"{r['seconds']:.1f}",
+        cells = [c for s in splits for c in (f"{r[f'{s}_loss']:.4f}", _pct(r[f"{s}_acc"]))]
+        table.add_row(str(r["epoch"]), *cells, f"{r['lr']:.2e}", f"{r['images_per_s']:.0f}", f"{r['seconds']:.1f}",
                       style=style)
-    out.print(table)
-    out.print(f"best test accuracy {_pct(result.best_test_acc)} at epoch {result.best_epoch}; "
-              f"run folder {result.run_dir} (config.yaml, metrics.csv, curves.png, checkpoints/)")
+    return table
 
 
 @app.command()
@@ -134,7 +145,7 @@ def _stop(reason: str) -> str:
 def tune_table(result) -> Table:
     """One line per trial in 80 columns: short trial id, parameters, rounded metrics (full text in trials.csv)."""
     params = list(dict.fromkeys(k for row in result.trials for k in row if k.startswith("param:")))
-    metrics = [k for k in result.trials[0] if k.startswith(("final_", "best_"))] if result.trials else []
+    metrics = [k for k in result.trials[0] if k.startswith(("final_", "best_", "test_"))] if result.trials else []
     table = Table(title=f"trials of {result.experiment_dir.name} (details: trials.csv)")
     table.add_column("trial", no_wrap=True)
     for name in [*params, *metrics]:
@@ -151,14 +162,32 @@ def tune_table(result) -> Table:
 @app.command("eval")
 @user_errors
 def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by trainer fit."),
-          tta: Optional[str] = TTAOpt, set_: List[str] = SetOpt, trust: bool = TrustOpt) -> None:
-    """Evaluate a saved checkpoint on its config's test set."""
-    from .loop import evaluate_checkpoint
+          tta: Optional[str] = TTAOpt, set_: List[str] = SetOpt, trust: bool = TrustOpt,
+          out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json, confusion.png, "
+                                                 "mistakes.png, report.html; default <run>/eval-<checkpoint name>.")
+          ) -> None:
+    """Evaluate a saved checkpoint on its config's test set and write the evaluation report."""
+    from .inference import evaluate_checkpoint
 
-    res = evaluate_checkpoint(checkpoint, [*set_, *([f"eval.tta={tta}"] if tta else [])], trust_class_path=trust)
+    if out_dir is None:
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        out_dir = run_dir / f"eval-{checkpoint.stem}"
+    res = evaluate_checkpoint(checkpoint, [*set_, *([f"eval.tta={tta}"] if tta else [])], trust_class_path=trust,
+                              out_dir=out_dir)
     views = f", tta {tta}" if tta else ""
+    rep = res["report"]
     out.print(f"{checkpoint} (epoch {res['epoch']}{views}): test loss {res['test_loss']:.4f}, "
-              f"test accuracy {_pct(res['test_acc'])} on {res['test_samples']} images")
+              f"test accuracy {_pct(res['test_acc'])} on {res['test_samples']} images, macro-F1 "
+              f"{rep['macro_f1']:.4f}, ECE {rep['ece']:.4f}; report {out_dir / 'report.html'}")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder (or a trainer eval --out folder).")) -> None:
+    """Rebuild report.html (and curves.png, confusion.png) from a run folder's files."""
+    from .page import write_page
+
+    out.print(f"wrote {write_page(run_dir, replot=True)}")
 
 
 @app.command("data")
@@ -219,10 +248,12 @@ def export_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A chec
 @app.command()
 @user_errors
 def runs(folder: Path = typer.Argument(Path("runs"), help="Folder of run folders (searched 3 levels down)."),
-         sort: str = typer.Option("started", "--sort", help="started | name | best | time | epochs"),
+         sort: str = typer.Option("started", "--sort", help="started | name | best (val acc) | test | time | epochs"),
          last: Optional[int] = typer.Option(None, "--last", min=1, help="Only the N most recently started runs."),
-         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw their test-accuracy curves here.")) -> None:
-    """Compare run folders: epochs, best test accuracy, time, speed and the config keys that differ."""
+         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw their validation-accuracy curves here.")
+         ) -> None:
+    """Compare run folders: epochs, the chosen epoch's val accuracy, its test accuracy, time, speed and the config
+    keys that differ."""
     from . import runs as runs_mod
     from .checkpoint import check_writable
 
@@ -234,13 +265,14 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder of run folders
         return
     keys = runs_mod.differing(summaries)
     table = Table(title=f"{len(summaries)} runs in {folder}")
-    for col in ("run", "started", "epochs", "best test acc", "time", "img/s", *keys):
-        table.add_column(col, justify="left" if col in ("run", "started") else "right", overflow="fold")
+    for col in ("run", "started", "epochs", "val (epoch)", "test", "time", "img/s", *keys):
+        table.add_column(col, justify="left" if col in ("run", "started") else "right", overflow="fold",
+                         no_wrap=col == "epochs", min_width=11 if col == "epochs" else None)
     for s in summaries:
         best = f"{_pct(s.best_acc)} ({s.best_epoch})" if s.best_acc is not None else "-"
         table.add_row(escape(str(s.path.relative_to(folder)) if s.path != folder else s.name), s.started_text,
                       f"{s.epochs_done}/{s.epochs_planned}" + ("" if s.status == "done" else f" {s.status.split()[0]}"),
-                      best, f"{s.seconds / 60:.1f} min", f"{s.images_per_s:.0f}" if s.images_per_s else "-",
+                      best, _pct(s.test_acc) if s.test_acc is not None else "-", f"{s.seconds / 60:.1f} min", f"{s.images_per_s:.0f}" if s.images_per_s else "-",
                       *(escape(_short(s.config.get(k))) for k in keys))
     out.print(table)
     for s in summaries:

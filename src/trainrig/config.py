@@ -17,7 +17,8 @@ import yaml
 
 from .convert import convert as _convert, load_yaml
 from .errors import ConfigError
-from .settings import MLflowSettings, RaySettings, TuneSettings, WandbSettings, opt
+from .settings import (REFUSED, CheckpointConfig, EarlyStopping, EvalConfig, MLflowSettings, RaySettings,
+                       TuneSettings, WandbSettings, needs_validation, opt, upgrade)
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,15 @@ class DataConfig:
     root: str = opt("data", "Where the dataset lives. imagefolder: root/train/<class>/* + root/val/<class>/* "
                     "(or test/), or root/<class>/* split by val_fraction. Others: their files (torchvision's "
                     "download lands here when they are missing and the network is there).")
-    val_fraction: float = opt(0.1, "imagefolder without train/ and val/: fraction of each class held out for "
-                              "validation (seeded by seed, stratified).", min=0.0, max=0.9)
+    val_fraction: float = opt(
+        0.1, "Fraction of each class of the training images held out as the validation split, which every choice "
+        "reads (best.pt, top-k, early stopping, tune); the same images on every rank, trial, resume and machine "
+        "(a function of seed and the labels). A source with its own validation set (imagefolder root/val) uses "
+        "that. 0 = no validation split: then checkpoint.monitor must be train_* or last, and early stopping and "
+        "tune cannot run.", min=0.0, max=0.9)
+    test_fraction: float = opt(
+        0.1, "imagefolder without root/test: fraction of each class held out as the test set (read once, at the "
+        "end). Other sources have their own test set.", min=0.0, max=0.9, min_exclusive=True)
     image_size: Union[int, None] = opt(
         None, "Images are resized (shorter side, then a centre square crop) to this side; null = the dataset's "
         "own size (imagefolder: the first training image's shorter side). Filled in the run's config.", min=8)
@@ -131,29 +139,6 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    tta: Literal["none", "flip"] = opt(
-        "none", "Test-time augmentation: flip = the mean of the logits of each image and its mirror image (fit's "
-        "test pass, trainer eval and predict; twice the evaluation cost).")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every_n_steps: Union[int, None] = opt(
-        None, "Also save mid-epoch every N optimizer steps (with the position in the epoch: a resumed run goes on "
-        "from that batch); null = off.", min=1)
-    every_minutes: Union[float, None] = opt(
-        5.0, "Also save mid-epoch once this many minutes passed since the last save: the most training a crash "
-        "loses; null = epoch ends only. Under ddp the clock is read every 20 steps.", min=0.0, min_exclusive=True)
-    keep_last: int = opt(2, "Newest checkpoints kept as checkpoints/epoch=E-step=S.pt (an unreadable newest one "
-                         "falls back to the next); 0 = none beside last.pt and best.pt.", min=0)
-    save_top_k: int = opt(1, "Epoch-end checkpoints kept (as epoch=E-step=S.pt) for the K best values of "
-                          "monitor, beside the keep_last newest.", min=0)
-    monitor: Literal["test_acc", "test_loss", "train_acc", "train_loss"] = opt(
-        "test_acc", "Metric that picks best.pt and save_top_k: accuracies are maximised, losses minimised.")
-
-
-@dataclass(frozen=True)
 class Config:
     name: str = opt("fashion_resnet18", "Run name: the run folder is <out_dir>/<name> (a plain folder name).")
     out_dir: str = opt("runs", "Parent folder of run folders.")
@@ -194,8 +179,9 @@ class Config:
         None, "model_parallel: micro-batch size for pipelining (stage k runs micro-batch i while k-1 runs i+1); "
         "null = no pipelining.", min=1)
     data: DataConfig = opt(DataConfig(), "Dataset and batching.")
-    eval: EvalConfig = opt(EvalConfig(), "How the test set (and predict's images) are evaluated.")
+    eval: EvalConfig = opt(EvalConfig(), "How the validation and test sets (and predict's images) are evaluated.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "When checkpoints are written and which are kept.")
+    early_stopping: EarlyStopping = opt(EarlyStopping(), "Stop when a validation metric stops improving.")
     model: ModelConfig = opt(ModelConfig(), "Network and transfer-learning surgery.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and loss.")
     sched: SchedConfig = opt(SchedConfig(), "Learning-rate schedule.")
@@ -211,6 +197,12 @@ class Config:
         "trainrig.callbacks.Callback, imported (never evaluated) and run after the built-in ones.")
     ray: RaySettings = opt(RaySettings(), "launcher: ray - the Ray cluster and its workers.")
     tune: TuneSettings = opt(TuneSettings(), "Hyperparameter search with Ray Tune (trainer tune).")
+
+
+def _validation_problems(cfg: "Config") -> list[str]:
+    if cfg.data.val_fraction or cfg.data.name == "imagefolder":  # imagefolder: root/val may exist (data checks)
+        return []
+    return [f"{key} needs a validation split, but data.val_fraction is 0" for key in needs_validation(cfg)]
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -255,6 +247,9 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], from_text: bool)
             problems.append(_unknown(path, key, list(fields)))
             continue
         tp, full = hints[key], _join(path, key)
+        if isinstance(value, str) and value in REFUSED.get(full, {}):
+            problems.append(f"{full}: {value} {REFUSED[full][value]}")
+            continue
         if dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value, full, problems, from_text)
             continue
@@ -331,14 +326,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     source = dict(raw) if raw is not None else (read_yaml(path) if path is not None else {})
     problems: list[str] = []
     file_cfg = _build(Config, source, "", problems, from_text=False)
-    problems += _folder_names(file_cfg) if not problems else []
+    problems += _folder_names(file_cfg) + _validation_problems(file_cfg) if not problems else []
     if problems:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(where + "; ".join(problems))
     if overrides:
         merged = _deep_merge(to_dict(file_cfg), parse_overrides(overrides))
         cfg = _build(Config, merged, "", problems, from_text=True)
-        problems += _folder_names(cfg) if not problems else []
+        problems += _folder_names(cfg) + _validation_problems(cfg) if not problems else []
         if problems:
             raise ConfigError("--set: " + "; ".join(problems))
         return cfg
@@ -374,9 +369,10 @@ def _strings(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
     return []
 
 
-def from_dict(raw: dict) -> Config:
-    """Rebuild a Config from a dict (e.g. the one stored in a checkpoint)."""
-    return load(raw=raw)
+def from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Rebuild a Config from a dict stored by trainrig (a checkpoint's, a tune trial's): one written before
+    the validation split existed is read as it trained - no validation split, best = the last epoch."""
+    return load(raw=upgrade(raw), overrides=overrides)
 
 
 def to_dict(cfg: Any) -> dict:

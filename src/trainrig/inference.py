@@ -9,17 +9,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from . import checkpoint, config as config_mod, data, models
+from . import checkpoint, config as config_mod, data, evaluation, models
 from .config import Config
 from .data import images
 from .errors import CheckpointError, ConfigError, DataError
 from .step import eval_logits
-from .strategy import resolve_device
+from .strategy import default_threads, resolve_device
 
 
 @dataclass
@@ -72,7 +72,7 @@ def load_trained(path: str | Path, overrides: Sequence[str] = (), *, model: nn.M
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a trainrig checkpoint (needs 'config' and 'model')")
     try:
-        cfg = config_mod.load(raw=state["config"], overrides=list(overrides))
+        cfg = config_mod.from_dict(state["config"], overrides=list(overrides))
     except ConfigError as exc:
         raise ConfigError(f"{path}: the checkpoint's config: {exc}") from None
     if model is None:
@@ -156,3 +156,24 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path) -> None:
     for p in predictions:
         writer.writerow([p.path, *[v for c, pr in zip(p.classes, p.probabilities) for v in (c, f"{pr:.6f}")]])
     checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                        model: nn.Module | None = None, trust_class_path: bool = False,
+                        out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Rebuild the model stored in a checkpoint and evaluate it on its config's test set: loss, accuracy and
+    the full report (``report``: evaluation.py); ``out_dir``: write eval.json, confusion.png, mistakes.png and
+    report.html there (``trust_class_path``: see inference.load_trained)."""
+    trained = load_trained(path, overrides, model=model, trust_class_path=trust_class_path)
+    cfg = trained.cfg
+    torch.set_num_threads(default_threads(cfg, 1))
+    built = data.build(cfg.data, device=trained.device, seed=cfg.seed, channels_last=cfg.model.channels_last,
+                       dtype=torch.float64 if cfg.precision == "64-true" else torch.float32, splits=data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels))
+    test = evaluation.evaluate_report(trained.model, built.test, trained.classes, precision=cfg.precision,
+                                      tta=cfg.eval.tta, mistakes=cfg.eval.mistakes, bins=cfg.eval.calibration_bins)
+    test = {"split": "test", "checkpoint": str(path), "epoch": trained.epoch, "seed": cfg.seed, "tta": cfg.eval.tta,
+            **test}
+    if out_dir is not None:
+        evaluation.write_files(Path(out_dir), test, built.splits.test, title=Path(path).stem)
+    return {"epoch": trained.epoch, "test_loss": test["loss"], "test_acc": test["accuracy"],
+            "test_samples": test["samples"], "report": test}

@@ -96,6 +96,9 @@ class _Relay(Callback):
     def on_epoch_end(self, run: Any, row: dict) -> None:
         self._send("on_epoch_end", run, row)
 
+    def on_test_end(self, run: Any, report: dict) -> None:
+        self._send("on_test_end", run, report)
+
     def on_fit_end(self, run: Any) -> None:
         self._send("on_fit_end", run)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, config as config_mod, report
+from . import checkpoint, choose, config as config_mod, report
 from .callbacks import Callback
 from .config import Config
 from .errors import ConfigError
@@ -73,6 +73,18 @@ class StepLogger(Callback):
         metrics = {f"epoch/{k}": v for k, v in _finite(row).items()}
         self.log(metrics, self.global_step(run, 0), True)
 
+    final: dict[str, float] = {}
+
+    def on_test_end(self, run: Any, report: dict) -> None:
+        self.final = _finite({"test_acc": report["accuracy"], "test_loss": report["loss"],
+                              "test_macro_f1": report["macro_f1"], "test_ece": report["ece"]})
+
+    def summary(self, run: Any) -> dict[str, float]:
+        """The chosen epoch, its validation figures and the test figures of its checkpoint."""
+        chosen = choose.best_row(run.state.history, run.cfg.checkpoint.monitor) or {}
+        picked = {f"best_{k}": chosen[k] for k in ("epoch", "val_acc", "val_loss") if k in chosen}
+        return {**_finite(picked), **self.final}
+
 
 class CSVLogger(StepLogger):
     """metrics.csv (one row per epoch, rewritten from the whole history, so a resumed run's file equals an
@@ -115,9 +127,7 @@ class TensorBoardLogger(StepLogger):
     def on_fit_end(self, run: Any) -> None:
         history = run.state.history
         if history:
-            best = max(history, key=lambda r: r["test_acc"])
-            final = {"hparam/best_test_acc": best["test_acc"], "hparam/final_test_acc": history[-1]["test_acc"],
-                     "hparam/final_test_loss": history[-1]["test_loss"]}
+            final = {f"hparam/{k}": v for k, v in self.summary(run).items()}
             self.writer.add_hparams(flat_config(run.cfg), final, run_name="hparams")
         curves = run.run_dir / "curves.png"
         if curves.is_file():
@@ -162,7 +172,9 @@ class MLflowLogger(StepLogger):
                                                     for k, v in metrics.items()])
 
     def on_fit_end(self, run: Any) -> None:
-        for name in ("config.yaml", "curves.png", "metrics.csv", "checkpoints/best.pt"):
+        if self.final:
+            self.log(self.final, 0, True)
+        for name in ("config.yaml", "curves.png", "metrics.csv", "eval.json", "report.html", "checkpoints/best.pt"):
             path = run.run_dir / name
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path), str(Path(name).parent) if "/" in name else None)
@@ -201,10 +213,8 @@ class WandbLogger(StepLogger):
     def on_fit_end(self, run: Any) -> None:
         import wandb
 
-        history = run.state.history
-        if history:
-            best = max(history, key=lambda r: r["test_acc"])
-            self.run.summary.update({"best_test_acc": best["test_acc"], "best_epoch": best["epoch"]})
+        if run.state.history:
+            self.run.summary.update(self.summary(run))
         curves = run.run_dir / "curves.png"
         if curves.is_file():
             self.run.log({"curves": wandb.Image(str(curves))}, step=self.global_step(run, 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import random
 import time
@@ -18,31 +19,36 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import callbacks as cb, checkpoint, config as config_mod, data, memory, models, report
+from . import callbacks as cb, checkpoint, choose, config as config_mod, data, evaluation, memory, models, report
 from .callbacks import Callback, Hooks
 from .config import Config
 from .errors import ConfigError
 from .launch import launch
-from .optim import build_optimizer
 from .plan import claim, main_decides, resume_mode, resumed_how, run_folder
 from .progress import Progress, ProgressMode
 from .runlock import RunLock
 from .state import TrainState
-from .step import Stepper, autocast, eval_logits, full_precision
+from .step import Stepper, eval_logits
 from .strategy import DistEnv, SingleStrategy, default_threads, make_strategy
 
 
 @dataclass(frozen=True)
 class FitResult:
-    """What a run produced: per-epoch metrics (floats only), the best epoch and where files went."""
+    """What a run produced: per-epoch metrics (floats only), the epoch checkpoint.monitor chose (on validation)
+    with its val_acc, the test figures of that checkpoint (evaluated once, at the end; NaN with eval.test
+    false), and where files went."""
 
     config: Config
     run_dir: Path
     history: list[dict]
     best_epoch: int
-    best_test_acc: float
+    best_val_acc: float  # val_acc of the chosen epoch (NaN without a validation split)
+    test_acc: float
+    test_loss: float
     seconds: float
     param_checksums: list[float] = dataclasses.field(default_factory=list)  # one per rank
+    test: dict | None = None  # eval.json: per-class figures, confusion matrix, calibration, mistakes
+    stopped_early: int | None = None  # the epoch early_stopping ended the run after
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Run:
     splits: data.Splits
     state: TrainState | None = None
     train: Any = None  # this rank's training batches
+    val: Any = None  # None without a validation split
     test: Any = None
     trainable: tuple[str, ...] | None = None  # backbone stages the wrapped model trains
     layout: models.Layout | None = None  # new layers and backbone stages of the model
@@ -99,11 +106,11 @@ def train_epoch(run: Run, batches: Iterable, stepper: Stepper, first: int = 0) -
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[float]], list[float]] = _local,
-             *, precision: str = "32", tta: str = "none",
-             on_batch: Callable[[int], None] = lambda i: None) -> dict[str, float]:
-    """Test loss and accuracy over every sample exactly once (summed over ranks by ``reduce``), no autograd
-    graph built, under the same autocast as training; ``tta``: eval.tta (step.TTA_VIEWS); ``on_batch`` after
-    each batch (1-based index)."""
+             *, precision: str = "32", tta: str = "none", on_batch: Callable[[int], None] = lambda i: None,
+             prefix: str = "test") -> dict[str, float]:
+    """Loss and accuracy (``prefix``_loss, _acc, _samples) over every sample exactly once (summed over ranks
+    by ``reduce``), no autograd graph built, under the same autocast as training; ``tta``: eval.tta
+    (step.TTA_VIEWS); ``on_batch`` after each batch (1-based index)."""
     was_training = model.training
     model.eval()
     loss_sum: Any = 0.0
@@ -118,11 +125,28 @@ def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[flo
         on_batch(i)
     model.train(was_training)
     loss, acc, total_seen = _totals(reduce, loss_sum, correct, seen)
-    return {"test_loss": loss, "test_acc": acc, "test_samples": total_seen}
+    return {f"{prefix}_loss": loss, f"{prefix}_acc": acc, f"{prefix}_samples": total_seen}
+
+
+def _evaluate_epoch(run: Run) -> dict[str, float]:
+    """The validation pass (every choice reads it) and, with eval.test_every_epoch, the test pass (a curve
+    only), between the evaluation hooks (the weight average swaps itself in there)."""
+    cfg = run.cfg
+    passes = [("val", run.val)] * (run.val is not None) + [("test", run.test)] * cfg.eval.test_every_epoch
+    row: dict[str, float] = {}
+    run.hooks.on_evaluate_start(run)
+    try:
+        for prefix, batches in passes:
+            row.update(evaluate(run.strategy.net, batches, run.strategy.reduce, precision=cfg.precision,
+                                tta=cfg.eval.tta, prefix=prefix,
+                                on_batch=functools.partial(run.hooks.on_evaluate_batch_end, run)))
+    finally:
+        run.hooks.on_evaluate_end(run)
+    return row
 
 
 def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
-    """Unfreeze what this epoch trains, train, synchronise BatchNorm statistics, evaluate."""
+    """Unfreeze what this epoch trains, train, synchronise BatchNorm statistics, evaluate on validation."""
     started, cfg = time.perf_counter(), run.cfg
     run.model.train()
     stages = models.unfrozen_stages(run.layout.stage_names, cfg.model.finetune, epoch, cfg.model.unfreeze_every)
@@ -139,12 +163,7 @@ def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
     with memory.explain_cuda_errors():
         row.update(train_epoch(run, run.train, stepper, first))
         run.strategy.sync_buffers(run.model)
-        run.hooks.on_evaluate_start(run)
-        try:
-            row.update(evaluate(run.strategy.net, run.test, run.strategy.reduce, precision=cfg.precision,
-                                tta=cfg.eval.tta, on_batch=functools.partial(run.hooks.on_evaluate_batch_end, run)))
-        finally:
-            run.hooks.on_evaluate_end(run)
+        row.update(_evaluate_epoch(run))
     row["seconds"] = time.perf_counter() - started
     return row
 
@@ -158,10 +177,11 @@ class UserParts:
     model: nn.Module | None = None
     train_data: Any = None
     test_data: Any = None
+    val_data: Any = None
 
 
 def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, test_data: Any = None,
-        resume: bool | str = False, progress: ProgressMode | Progress = "auto",
+        val_data: Any = None, resume: bool | str = False, progress: ProgressMode | Progress = "auto",
         callbacks: Sequence[Callback] = ()) -> FitResult | None:
     """Train ``cfg`` from scratch (or from its last checkpoint with ``resume``) and return the metrics.
 
@@ -169,15 +189,16 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     ``resume: auto``): continue it when it has a checkpoint, else start it there.
 
     ``model`` replaces the configured network (trained as given, no surgery); ``train_data``/``test_data``
-    (map-style Datasets of (image, label), or DataLoaders over them) replace data.name. Under spawned DDP
+    (map-style Datasets of (image, label), or DataLoaders over them) replace data.name; ``val_data`` is the
+    validation set every choice reads (default: data.val_fraction held out of ``train_data``). Under spawned DDP
     they are pickled into every process: define their classes in an importable module, not in __main__.
     The built-in callbacks (progress, curves.png, checkpoints, loggers) run first, then those named in
     ``cfg.callbacks``, then ``callbacks``. Returns rank 0's result (None on other ranks under torchrun).
     """
-    if (train_data is None) != (test_data is None):
-        raise ConfigError("fit: give both train_data and test_data, or neither")
+    if (train_data is None) != (test_data is None) or (val_data is not None and train_data is None):
+        raise ConfigError("fit: give both train_data and test_data (and val_data if you like), or neither")
     everything = [*cb.builtin(cfg, progress), *cb.from_specs(cfg.callbacks), *callbacks]
-    parts = UserParts(model, train_data, test_data)
+    parts = UserParts(model, train_data, test_data, val_data)
     if cfg.launcher == "ray" and not DistEnv.from_environ().launched:
         return _fit_on_ray(cfg, resume, parts, everything)
     if cfg.restarts and cfg.strategy == "ddp" and resume_mode(cfg, resume) == "never" \
@@ -205,10 +226,18 @@ def _fit_on_ray(cfg: Config, resume: bool | str, parts: UserParts, callbacks: Se
     reported = fit_on_ray(cfg, functools.partial(_fit_worker, cfg, "auto", parts), callbacks)
     run_dir = Path(cfg.out_dir) / cfg.name
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)
-    history = list(saved["history"])
-    best = max(history, key=lambda r: r["test_acc"])
-    return FitResult(config_mod.load(raw=saved["config"]), run_dir, history, int(best["epoch"]),
-                     float(best["test_acc"]), time.perf_counter() - started, list(reported.get("checksums", [])))
+    test = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
+    return _result(config_mod.from_dict(saved["config"]), run_dir, list(saved["history"]), test,
+                   time.perf_counter() - started, list(reported.get("checksums", [])))
+
+
+def _result(cfg: Config, run_dir: Path, history: list[dict], test: dict | None, seconds: float,
+            checksums: list[float]) -> FitResult:
+    best = choose.best_row(history, cfg.checkpoint.monitor) or {"epoch": 0}
+    nan = float("nan")
+    return FitResult(cfg, run_dir, history, int(best["epoch"]), float(best.get("val_acc", nan)),
+                     test["accuracy"] if test else nan, test["loss"] if test else nan, seconds, checksums, test,
+                     choose.stop_epoch(history, cfg.early_stopping))
 
 
 def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
@@ -231,6 +260,8 @@ def _train(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv, call
     stepper.restore(state.partial, env.is_main)
     try:
         for epoch in range(state.epoch, run.cfg.epochs):
+            if choose.stop_epoch(state.history, run.cfg.early_stopping) is not None:
+                break  # checked first: a run resumed at the epoch it stopped stops there again
             row = _epoch(run, epoch, stepper)
             state.epoch, state.batch, state.partial = epoch + 1, 0, None
             state.history.append(row)
@@ -240,15 +271,45 @@ def _train(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv, call
     except BaseException as exc:
         run.hooks.on_exception(run, exc)
         raise
-    run.hooks.on_fit_end(run)
+    stopped = choose.stop_epoch(state.history, run.cfg.early_stopping)
+    if stopped is not None:
+        es = run.cfg.early_stopping
+        run.log(f"early stopping: {es.monitor} did not improve by more than {es.min_delta} for {es.patience} "
+                f"epochs; stopped after epoch {stopped} of {run.cfg.epochs}")
     checksums = strategy.checksums(run.model)  # DDP ranks must end with the same weights
     if len(set(checksums)) > 1:
         raise RuntimeError(f"parameters diverged across ranks: checksums {checksums}")
+    test = _final_test(run)
+    if test is not None:
+        run.hooks.on_test_end(run, test)
+    run.hooks.on_fit_end(run)
     if not env.is_main:
         return None
-    best = max(state.history, key=lambda r: r["test_acc"]) if state.history else {"epoch": 0, "test_acc": float("nan")}
-    return FitResult(run.cfg, run.run_dir, list(state.history), int(best["epoch"]), float(best["test_acc"]),
-                     time.perf_counter() - started, checksums)
+    return _result(run.cfg, run.run_dir, list(state.history), test, time.perf_counter() - started, checksums)
+
+
+def _final_test(run: Run) -> dict | None:
+    """The test set, read once: the checkpoint checkpoint.monitor chose (best.pt; last.pt with monitor: last)
+    is loaded on every rank and evaluated; rank 0 writes eval.json, confusion.png, mistakes.png, report.html."""
+    cfg, strategy = run.cfg, run.strategy
+    chosen = choose.best_row(run.state.history, cfg.checkpoint.monitor)
+    if not cfg.eval.test or chosen is None:
+        return None
+    name = "last.pt" if cfg.checkpoint.monitor == "last" else "best.pt"
+    path = run.run_dir / "checkpoints" / name
+    run.model.load_state_dict(strategy.broadcast(checkpoint.load(path)["model"] if strategy.is_main else None))
+    net = strategy.net if strategy.net is not None else run.model  # None: resumed after its last epoch
+    test = evaluation.evaluate_report(
+        net, run.test, cfg.data.classes or [], precision=cfg.precision, tta=cfg.eval.tta,
+        mistakes=cfg.eval.mistakes, bins=cfg.eval.calibration_bins, world=strategy.env.world_size,
+        gather=strategy.gather, on_batch=functools.partial(run.hooks.on_evaluate_batch_end, run))
+    test = {"split": "test", "checkpoint": name, "epoch": int(chosen["epoch"]), "monitor": cfg.checkpoint.monitor,
+            "seed": cfg.seed, "tta": cfg.eval.tta, **test}
+    if strategy.is_main:
+        evaluation.write_files(run.run_dir, test, run.splits.test, title=cfg.name)
+        run.log(f"test (once, on {name}, epoch {test['epoch']}): accuracy {100 * test['accuracy']:.2f}%, loss "
+                f"{test['loss']:.4f}, macro-F1 {test['macro_f1']:.4f}; {run.run_dir / 'report.html'}")
+    return test
 
 
 def _dtype(cfg: Config) -> torch.dtype:
@@ -279,16 +340,11 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
     run.hooks.on_fit_start(run)
     run.log(f"data: {splits.description}")  # the run's first line: which data path was taken
     if cfg.data.batch_size == "auto":
-        run.cfg = cfg = _auto_batch_size(run)
-    run.train, run.test, _ = data.build(cfg.data, device=strategy.device, seed=cfg.seed, rank=env.rank,
-                                        world=env.world_size, channels_last=cfg.model.channels_last,
-                                        dtype=_dtype(cfg), splits=splits, local_world=env.local_world_size)
-    run.state = TrainState.create(cfg, run.model, len(run.train), strategy.device.type, run.layout)
-    if resumed:
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.state.optimizer.param_groups]
-        base_lrs = list(run.state.scheduler.base_lrs)
-        run.state.load_state_dict(checkpoint.load(resumed))
-        run.state.adopt_hyperparameters(fresh, base_lrs)  # a PBT trial's mutated values; else a no-op
+        run.cfg = cfg = memory.auto_batch_size(run, _dtype(cfg))
+    run.train, run.val, run.test, _ = data.build(
+        cfg.data, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
+        channels_last=cfg.model.channels_last, dtype=_dtype(cfg), splits=splits, local_world=env.local_world_size)
+    run.state = _state(run, resumed)
     if env.is_main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -301,90 +357,44 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
     return run
 
 
+def _state(run: Run, resumed: Path | None) -> TrainState:
+    """A fresh TrainState, or the one in ``resumed`` with this config's optimizer hyperparameters (PBT)."""
+    state = TrainState.create(run.cfg, run.model, len(run.train), run.strategy.device.type, run.layout)
+    if resumed:
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in state.optimizer.param_groups]
+        base_lrs = list(state.scheduler.base_lrs)
+        state.load_state_dict(checkpoint.load(resumed))
+        state.adopt_hyperparameters(fresh, base_lrs)  # a PBT trial's mutated values; else a no-op
+    return state
+
+
 def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
-    source = data.user_source(parts.train_data, parts.test_data) if parts.train_data is not None else None
-    return data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels, local_world=env.local_world_size,
-                            pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
+    source = data.user_source(parts.train_data, parts.test_data, parts.val_data) \
+        if parts.train_data is not None else None
+    splits = data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels, local_world=env.local_world_size,
+                              pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
+    missing = config_mod.needs_validation(cfg) if splits.val is None else []
+    if missing:
+        raise ConfigError(f"{missing[0]} needs a validation split, and {splits.description.split(':')[0]} has none "
+                          f"(data.val_fraction is 0)")
+    return splits
 
 
 def _build_model(cfg: Config, given: nn.Module | None = None) -> nn.Module:
     model = given if given is not None else models.build_model(cfg.model, seed=cfg.seed)
     if given is not None or cfg.model.class_path:
-        _check_output(model, cfg)
+        models.check_output(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes)
     model = model.to(_dtype(cfg))
     if cfg.grad_checkpointing:
         models.enable_grad_checkpointing(model, models.layout_of(model, cfg.model).body)
     return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
 
 
-def _check_output(model: nn.Module, cfg: Config) -> None:
-    """A network of the user's must map (N, C, H, W) images to (N, num_classes) logits: say so before training."""
-    size, c, n = cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(2, c, size, size, device=next(model.parameters()).device))
-    except Exception as exc:
-        raise ConfigError(f"model: {type(model).__name__} fails on a (2, {c}, {size}, {size}) batch: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model: {type(model).__name__} returns {shape} for a (2, {c}, {size}, {size}) batch; "
-                          f"expected logits of shape (2, {n}) (model.num_classes={n})")
-
-
 def _preflight(cfg: Config, splits: data.Splits) -> None:
     """Checks on the host before the first step: on a GPU these fail later as a device-side assert."""
-    found = [t for t in (getattr(splits.train, "labels", None), getattr(splits.test, "labels", None))
+    found = [t for t in (getattr(ds, "labels", None) for ds in (splits.train, splits.val, splits.test))
              if t is not None and t.numel()]
     labels = torch.cat([t.flatten().long() for t in found]) if found else torch.zeros(0)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.model.num_classes):
         raise ConfigError(f"labels go up to {int(labels.max())} but model.num_classes={cfg.model.num_classes}: "
                           f"labels must lie in [0, model.num_classes)")
-
-
-def _auto_batch_size(run: Run) -> Config:
-    """batch_size: auto -> the largest per-rank batch a real forward+backward+step survives, less the margin,
-    agreed (minimum) over ranks; the global size goes into the run's config."""
-    cfg, model, strategy, splits = run.cfg, run.model, run.strategy, run.splits
-    snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-
-    train_tf, _ = data.transforms(cfg.data, splits.mean, splits.std, cfg.model.channels_last, _dtype(cfg))
-
-    def try_step(size: int) -> None:
-        optimizer = build_optimizer(models.param_groups(model, run.layout, cfg.model, cfg.optim.lr), cfg.optim)
-        x, y = data.sample_batch(splits.train, size, train_tf, strategy.device)
-        with autocast(strategy.device.type, cfg.precision):
-            logits = model(x)
-        loss_fn(full_precision(logits), y.to(logits.device)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    world = strategy.env.world_size
-    try:
-        per_rank = memory.find_batch_size(try_step, limit=max(2, len(splits.train) // world),
-                                          margin=cfg.data.auto_batch_margin, log=run.log)
-    finally:
-        model.load_state_dict(snapshot)
-    per_rank = strategy.min_over_ranks(per_rank)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank * world))
-
-
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                        model: nn.Module | None = None, trust_class_path: bool = False) -> dict[str, float]:
-    """Rebuild the model stored in a checkpoint and evaluate it on its config's test set
-    (``trust_class_path``: see inference.load_trained)."""
-    from .inference import load_trained
-
-    trained = load_trained(path, overrides, model=model, trust_class_path=trust_class_path)
-    cfg = trained.cfg
-    torch.set_num_threads(default_threads(cfg, 1))
-    _, test_batches, _ = data.build(cfg.data, device=trained.device, seed=cfg.seed,
-                                    channels_last=cfg.model.channels_last, dtype=_dtype(cfg),
-                                    splits=data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels))
-    return {"epoch": trained.epoch, **evaluate(trained.model, test_batches, precision=cfg.precision,
-                                               tta=cfg.eval.tta)}

@@ -38,7 +38,7 @@ def run_folder(cfg: Config, mode: str) -> tuple[Config, Path, Path | None, list[
     if not found:
         raise CheckpointError(f"--resume: no checkpoint in {folder} (--resume auto starts the run when there is none)")
     saved, path, warnings = checkpoint.newest_readable(folder)
-    trained = config_mod.load(raw=saved["config"])
+    trained = config_mod.from_dict(saved["config"])
     warnings = [f"warning: {w}" for w in warnings]
     changes = ", ".join(f"{k}={new!r} (was {old!r})" for k, (old, new) in mutated(trained, cfg).items())
     if changes:

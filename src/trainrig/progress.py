@@ -8,9 +8,10 @@ ProgressMode = Literal["auto", "bar", "lines", "off"]
 
 
 def _fmt(row: dict) -> str:
-    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}% | "
-            f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}% | "
-            f"{row['images_per_s']:.0f} img/s | {row['seconds']:.1f}s")
+    parts = [f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"]
+    parts += [f"{name} loss {row[f'{split}_loss']:.4f} acc {100 * row[f'{split}_acc']:.2f}%"
+              for split, name in (("val", "val"), ("test", "test (no choice reads it)")) if f"{split}_loss" in row]
+    return " | ".join([*parts, f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f}s"])
 
 
 class Progress:
@@ -70,7 +71,8 @@ class BarProgress(Progress):
         self.bar.console.print(text)
 
     def end_epoch(self, row: dict) -> None:
-        self.bar.update(self.epochs_task, advance=1, info=f"test acc {100 * row['test_acc']:.2f}%")
+        info = f"val acc {100 * row['val_acc']:.2f}%" if "val_acc" in row else ""
+        self.bar.update(self.epochs_task, advance=1, info=info)
         self.message(_fmt(row))
 
     def close(self) -> None:

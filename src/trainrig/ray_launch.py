@@ -56,7 +56,7 @@ def _worker_loop(config: dict) -> None:
     # A barrier: every worker reports. Ray Train (v2) hands the driver only metrics reported with a
     # checkpoint, so these stay in the workers' logs; the driver reads the run's result from the run folder.
     ray.train.report({} if result is None else {
-        "best_test_acc": result.best_test_acc, "best_epoch": result.best_epoch,
+        "test_acc": result.test_acc, "best_epoch": result.best_epoch,
         "checksums": list(result.param_checksums)})
 
 

@@ -12,7 +12,8 @@ RESUME_FREE = ("name", "out_dir", "epochs", "resume", "restarts", "launcher", "d
                "log_every_n_steps", "data.root",
                "data.num_workers", "data.pin_memory", "data.eval_batch_size")
 
-FREE_SECTIONS = ("tune.", "ray.", "checkpoint.", "mlflow.", "wandb.", "eval.")  # every key in them is free too
+FREE_SECTIONS = ("tune.", "ray.", "checkpoint.", "mlflow.", "wandb.", "eval.",
+                 "early_stopping.")  # every key in them is free too (early stopping: when to stop, like epochs)
 
 # Keys a run fills in when they are null (auto): a resumed run asking for null/auto keeps the found value.
 FOUND_AT_START = ("data.batch_size", "data.image_size", "data.mean", "data.std", "data.classes",

@@ -1,4 +1,4 @@
-"""Compare run folders: one row per run (``trainer runs``) and their test-accuracy curves on one plot.
+"""Compare run folders: one row per run (``trainer runs``) and their validation-accuracy curves on one plot.
 
 A run folder is any folder holding a ``config.yaml`` written by ``trainer fit``; its epochs come from
 ``metrics.csv`` (or the history inside ``checkpoints/last.pt``). A run that stopped before its planned
@@ -7,17 +7,20 @@ epochs is listed as interrupted, never an error.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import checkpoint, report
+from . import checkpoint, choose, report
+from .settings import upgrade
 from .errors import ConfigError
 
 IGNORED_KEYS = ("name", "out_dir")  # differ between any two runs; say nothing about the recipe
 SORTS = {"started": lambda r: r.started, "name": lambda r: r.name, "best": lambda r: -(r.best_acc or -1),
+         "test": lambda r: -(r.test_acc or -1),
          "time": lambda r: r.seconds, "epochs": lambda r: -r.epochs_done}
 
 
@@ -28,8 +31,9 @@ class RunSummary:
     started: float  # config.yaml's modification time (written when the run starts or resumes)
     epochs_done: int
     epochs_planned: int
-    best_acc: float | None
+    best_acc: float | None  # val_acc of the epoch checkpoint.monitor chose
     best_epoch: int | None
+    test_acc: float | None  # eval.json: the chosen checkpoint's, read once (an old run: its last epoch's)
     seconds: float
     images_per_s: float | None
     history: list[dict] = field(repr=False, default_factory=list)
@@ -58,7 +62,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-REQUIRED = ("epoch", "test_acc")  # what a row needs to be listed and ranked
+REQUIRED = ("epoch", "train_acc", "lr")  # what a row needs to be listed
 _WHY = {TypeError: "a row is cut short or too long", ValueError: "a value is not a number",
         UnicodeDecodeError: "not text"}
 
@@ -107,14 +111,26 @@ def summarize(folder: Path) -> RunSummary:
     named in ``problem`` and whatever else is readable is still listed."""
     raw, config_problem = _config(folder)
     history, history_problem = _history(folder)
-    best = max(history, key=lambda r: r["test_acc"]) if history else None
+    monitor = str((upgrade(raw).get("checkpoint") or {}).get("monitor") or "val_acc")
+    best = choose.best_row(history, monitor)
     speeds = [r["images_per_s"] for r in history if "images_per_s" in r]
     return RunSummary(folder, folder.name, (folder / "config.yaml").stat().st_mtime, len(history),
-                      _planned(raw, len(history)), best["test_acc"] if best else None,
-                      int(best["epoch"]) if best else None, sum(r.get("seconds", 0.0) for r in history),
+                      _planned(raw, len(history)), best.get("val_acc") if best else None,
+                      int(best["epoch"]) if best else None, _test_acc(folder, history),
+                      sum(r.get("seconds", 0.0) for r in history),
                       sum(speeds) / len(speeds) if speeds else None, history,
                       {k: v for k, v in _flatten(raw).items() if not k.startswith("tune.")} if raw else {},
                       "; ".join(p for p in (config_problem, history_problem) if p))
+
+
+def _test_acc(folder: Path, history: list[dict]) -> float | None:
+    """eval.json's accuracy; a run from before validation splits: its last epoch's test_acc."""
+    try:
+        return float(json.loads((folder / "eval.json").read_text())["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    old = history and "val_acc" not in history[-1] and "test_acc" in history[-1]
+    return float(history[-1]["test_acc"]) if old else None
 
 
 def find(root: str | Path, depth: int = 3) -> list[Path]:
@@ -147,7 +163,7 @@ def compare(root: str | Path = "runs", sort: str = "started", last: int | None =
 
 
 def plot(summaries: list[RunSummary], path: str | Path) -> Path:
-    """Test accuracy per epoch of every run, one line each, as a PNG."""
+    """Validation accuracy per epoch of every run, one line each, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,9 +171,9 @@ def plot(summaries: list[RunSummary], path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for s in summaries:
-        if s.history:
-            ax.plot([r["epoch"] for r in s.history], [100 * r["test_acc"] for r in s.history], "-o", label=s.name)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="runs")
+        if s.history and "val_acc" in s.history[0]:
+            ax.plot([r["epoch"] for r in s.history], [100 * r["val_acc"] for r in s.history], "-o", label=s.name)
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="runs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

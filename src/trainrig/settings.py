@@ -15,6 +15,52 @@ def opt(default: Any, help: str, *, min: float | None = None, max: float | None 
     return field(default=default, metadata=meta)
 
 
+MONITORS = ("val_acc", "val_loss", "train_acc", "train_loss")  # what may choose: never a test_* metric
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tta: Literal["none", "flip"] = opt(
+        "none", "Test-time augmentation: flip = the mean of the logits of each image and its mirror image "
+        "(validation and test passes, trainer eval and predict; twice the evaluation cost).")
+    test: bool = opt(
+        True, "At the end of fit, evaluate the test set once, on the checkpoint checkpoint.monitor chose, and write "
+        "eval.json, confusion.png, mistakes.png and report.html; tune's trials run without it (only the best "
+        "trial's test accuracy is measured).")
+    test_every_epoch: bool = opt(
+        False, "Also evaluate the test set after every epoch (test_loss, test_acc in metrics.csv and the "
+        "curves), for the curve only: no choice reads it.")
+    mistakes: int = opt(16, "Highest-loss test images shown in mistakes.png and report.html.", min=0)
+    calibration_bins: int = opt(15, "Bins of the expected calibration error in eval.json.", min=1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: Union[int, None] = opt(
+        None, "Also save mid-epoch every N optimizer steps (with the position in the epoch: a resumed run goes on "
+        "from that batch); null = off.", min=1)
+    every_minutes: Union[float, None] = opt(
+        5.0, "Also save mid-epoch once this many minutes passed since the last save: the most training a crash "
+        "loses; null = epoch ends only. Under ddp the clock is read every 20 steps.", min=0.0, min_exclusive=True)
+    keep_last: int = opt(2, "Newest checkpoints kept as checkpoints/epoch=E-step=S.pt (an unreadable newest one "
+                         "falls back to the next); 0 = none beside last.pt and best.pt.", min=0)
+    save_top_k: int = opt(1, "Epoch-end checkpoints kept (as epoch=E-step=S.pt) for the K best values of "
+                          "monitor, beside the keep_last newest.", min=0)
+    monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss", "last"] = opt(
+        "val_acc", "Metric that picks best.pt and save_top_k (accuracies maximised, losses minimised; ties: the "
+        "earlier epoch), and so the checkpoint the test set is evaluated on at the end; last = the newest epoch. "
+        "Never a test metric.")
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    monitor: Union[Literal["val_acc", "val_loss", "train_acc", "train_loss"], None] = opt(
+        None, "Stop training when this metric has not improved for patience epochs; null = off.")
+    patience: int = opt(3, "Epochs without improvement (by more than min_delta) before the run stops.", min=1)
+    min_delta: float = opt(0.0, "Smallest change that counts as an improvement.", min=0.0)
+    mode: Literal["auto", "max", "min"] = opt("auto", "auto = max for accuracies, min for losses.")
+
+
 @dataclass(frozen=True)
 class TuneResources:
     cpu: float = opt(1.0, "CPUs per trial (also the trial's torch threads).", min=0.0, min_exclusive=True)
@@ -56,8 +102,12 @@ class TuneSettings:
     reduction_factor: Union[float, None] = opt(
         None, "asha/hyperband: keep 1/reduction_factor of trials at each rung; null = Ray's default "
         "(asha 4, hyperband 3).", min=1.0, min_exclusive=True)
-    metric: str = opt("accuracy", "Metric to optimise: accuracy, loss (test), train_loss or train_accuracy.")
-    mode: Literal["max", "min"] = opt("max", "Maximise or minimise the metric.")
+    metric: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = opt(
+        "val_acc", "Metric the searcher and scheduler (ASHA's cuts, PBT's donors, HyperOpt's next point) and "
+        "best.yaml use: a validation or training metric, never the test set's (only the best trial's test "
+        "accuracy is measured, once, at the end).")
+    mode: Literal["auto", "max", "min"] = opt("auto", "Maximise or minimise the metric; auto = max for accuracies, "
+                                              "min for losses.")
     num_samples: int = opt(8, "Trials to run (with grid entries: samples per grid combination).", min=1)
     max_concurrent: int = opt(0, "Trials at once; 0 = as many as the cluster's CPUs/GPUs allow.", min=0)
     resources_per_trial: TuneResources = opt(TuneResources(), "Resources one trial holds.")
@@ -105,3 +155,43 @@ class WandbSettings:
     project: str = opt("trainrig", "W&B project.")
     entity: Union[str, None] = opt(None, "W&B entity (team or user); null = your default.")
     tags: list[str] = opt([], "Tags on the W&B run.")
+
+
+# ----------------------------------------------------------------------------- honest choices
+
+_TEST_SET = "would choose on the test set, which is read once, for the final figure only; use"
+_NEW = "(data.val_fraction holds out the validation split)"
+REFUSED = {  # values that chose on the test set before trainrig had a validation split: key -> value -> why
+    "checkpoint.monitor": {"test_acc": f"{_TEST_SET} checkpoint.monitor: val_acc {_NEW}",
+                           "test_loss": f"{_TEST_SET} checkpoint.monitor: val_loss {_NEW}"},
+    "early_stopping.monitor": {"test_acc": f"{_TEST_SET} early_stopping.monitor: val_acc {_NEW}",
+                               "test_loss": f"{_TEST_SET} early_stopping.monitor: val_loss {_NEW}"},
+    "tune.metric": {"accuracy": f"(the test accuracy) {_TEST_SET} tune.metric: val_acc {_NEW}",
+                    "loss": f"(the test loss) {_TEST_SET} tune.metric: val_loss {_NEW}",
+                    "test_acc": f"{_TEST_SET} tune.metric: val_acc {_NEW}",
+                    "test_loss": f"{_TEST_SET} tune.metric: val_loss {_NEW}",
+                    "train_accuracy": "is now called tune.metric: train_acc"},
+}
+
+
+def needs_validation(cfg: Any) -> list[str]:
+    """The keys of ``cfg`` that read the validation split (each an error when there is none)."""
+    return [f"{key}: {value}" for key, value in (
+        ("checkpoint.monitor", cfg.checkpoint.monitor), ("early_stopping.monitor", cfg.early_stopping.monitor))
+        if isinstance(value, str) and value.startswith("val_")]
+
+
+def upgrade(raw: dict) -> dict:
+    """A stored config of the format before validation splits (no early_stopping key) in today's keys."""
+    if "early_stopping" in raw:
+        return raw
+    out = {**raw, "data": dict(raw.get("data") or {}), "checkpoint": dict(raw.get("checkpoint") or {}),
+           "tune": dict(raw.get("tune") or {})}
+    if out["data"].get("name") == "imagefolder":  # its val_fraction held out the set it tested on
+        out["data"]["test_fraction"] = out["data"].get("val_fraction", 0.1) or 0.1
+    out["data"]["val_fraction"] = 0.0
+    out["checkpoint"]["monitor"] = "last" if str(out["checkpoint"].get("monitor", "test_acc")).startswith("test") \
+        else out["checkpoint"]["monitor"]
+    renamed = {"accuracy": "val_acc", "loss": "val_loss", "train_accuracy": "train_acc"}
+    out["tune"]["metric"] = renamed.get(out["tune"].get("metric", "accuracy"), out["tune"].get("metric"))
+    return out

@@ -123,6 +123,10 @@ class SingleStrategy:
     def sync_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics) before evaluating or saving."""
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        return [obj]
+
     def checksums(self, model: nn.Module) -> list[float]:
         """Every rank's float64 sum of its parameters (DDP ranks must agree)."""
         return [float(sum(p.detach().double().sum().item() for p in model.parameters()))]
@@ -315,13 +319,15 @@ class DDPStrategy(SingleStrategy):
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
 
-    def checksums(self, model: nn.Module) -> list[float]:
-        total = super().checksums(model)[0]
+    def gather(self, obj: Any) -> list[Any]:
         if not self.distributed:
-            return [total]
+            return [obj]
         out: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(out, total)
+        dist.all_gather_object(out, obj)
         return out
+
+    def checksums(self, model: nn.Module) -> list[float]:
+        return self.gather(super().checksums(model)[0])
 
     def begin_step(self) -> None:
         if self.hook is not None:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
+from . import choose, config as config_mod
 from .callbacks import Callback
 from .config import Config
 from .errors import ConfigError
@@ -22,7 +22,7 @@ from .ray_launch import start_ray
 from .tune_results import TuneResult, summarise
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "pow2", "grid")
-METRICS = {"accuracy": "test_acc", "loss": "test_loss", "train_accuracy": "train_acc", "train_loss": "train_loss"}
+REPORTED = ("val_acc", "val_loss", "train_acc", "train_loss")  # what Tune sees of an epoch: never a test metric
 
 
 # ----------------------------------------------------------------------------- search space
@@ -141,7 +141,8 @@ def _trial_folder() -> Path:
 
 
 class TuneReport(Callback):
-    """Reports each epoch's metrics and last.pt to Ray Tune. It runs in the trial's own process (under
+    """Reports each epoch's validation and training metrics (never a test metric: what Tune sees, ASHA, PBT,
+    HyperOpt and best.yaml choose on) and last.pt to Ray Tune. It runs in the trial's own process (under
     spawned DDP rank 0's events are relayed to it), where Ray's session lives."""
 
     in_launcher = True
@@ -149,7 +150,7 @@ class TuneReport(Callback):
     def on_epoch_end(self, run: Any, row: dict) -> None:
         from ray import tune
 
-        metrics = {name: row[key] for name, key in METRICS.items()}
+        metrics = {key: row[key] for key in REPORTED if key in row}
         metrics["epoch"] = row["epoch"]
         last = run.run_dir / "checkpoints" / "last.pt"
         # Ray copies the reported folder into the trial's checkpoint_N; a hard link hands it last.pt without
@@ -175,6 +176,7 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     cfg = apply_params(config_mod.load(raw=base), params)
     ranks = ddp_world_size(cfg) if cfg.strategy == "ddp" else 1
     cfg = dataclasses.replace(cfg, out_dir=str(trial_dir), name="fit",
+                              eval=dataclasses.replace(cfg.eval, test=False, test_every_epoch=False),  # best only
                               threads=max(1, int(cfg.tune.resources_per_trial.cpu) // ranks),
                               mlflow=dataclasses.replace(  # one MLflow experiment for the whole search
                                   cfg.mlflow, experiment=cfg.mlflow.experiment or cfg.tune.name,
@@ -259,10 +261,14 @@ def experiment_dir(cfg: Config) -> Path:
     return Path(cfg.tune.storage_path).resolve() / cfg.tune.name
 
 
-def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResult:
-    """Run (or with ``resume`` continue) the search in ``cfg.tune`` and write the experiment's files."""
-    if cfg.tune.metric not in METRICS:
-        raise ConfigError(f"tune.metric: expected one of {', '.join(METRICS)}, got {cfg.tune.metric!r}")
+def _check(cfg: Config, resume: bool) -> tuple[Config, dict[str, tuple[str, Any]], Path]:
+    """Everything checked before Ray starts: the metric (and its validation split), the search space, PBT's
+    mutations, the experiment folder. Returns the config with tune.mode resolved, the space and the folder."""
+    metric = cfg.tune.metric
+    if metric.startswith("val_") and not cfg.data.val_fraction and cfg.data.name != "imagefolder":
+        raise ConfigError(f"tune.metric: {metric} needs a validation split, but data.val_fraction is 0")
+    mode = cfg.tune.mode if cfg.tune.mode != "auto" else ("max" if choose.maximize(metric) else "min")
+    cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, mode=mode))
     parsed = validate_space(cfg)
     if cfg.tune.scheduler == "pbt":
         if cfg.tune.searcher == "hyperopt":
@@ -273,6 +279,12 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
         raise ConfigError(f"--resume: no experiment at {exp_dir}")
     if not resume and exp_dir.exists() and any(exp_dir.iterdir()):
         raise ConfigError(f"{exp_dir} already holds an experiment; continue it with --resume or set tune.name")
+    return cfg, parsed, exp_dir
+
+
+def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResult:
+    """Run (or with ``resume`` continue) the search in ``cfg.tune`` and write the experiment's files."""
+    cfg, parsed, exp_dir = _check(cfg, resume)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # so the CLIReporter table below is used
     try:
@@ -289,7 +301,7 @@ def run(cfg: Config, *, resume: bool = False, verbose: bool = True) -> TuneResul
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        reporter = tune.CLIReporter(parameter_columns=list(parsed), metric_columns=["epoch", "accuracy", "loss"],
+        reporter = tune.CLIReporter(parameter_columns=list(parsed), metric_columns=["epoch", *REPORTED[:2]],
                                     max_report_frequency=10, print_intermediate_tables=verbose)
         tuner = tune.Tuner(
             trainable,

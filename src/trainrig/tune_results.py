@@ -1,5 +1,7 @@
 """What a search leaves: trials.csv (one row per trial), trials.png (each trial's metric per epoch) and
-best.yaml (a complete fit config, from the best trial's weights), marked partial when it was interrupted."""
+best.yaml (a complete fit config, from the best trial's weights), marked partial when it was interrupted.
+The trials are chosen on tune.metric (validation or training); the best trial's checkpoint alone is then
+evaluated on the test set, once, and its test accuracy is written beside it (trials.csv, best.yaml)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
+from . import choose, config as config_mod
 from .checkpoint import atomic_write_text
 from .config import Config
 from .errors import ConfigError
@@ -61,6 +63,8 @@ def _trial_rows(cfg: Config, grid: Any, exp_dir: Path) -> list[dict]:
             reason = f"error: {str(result.error).strip().splitlines()[-1][:200]}"
         elif epochs >= target:
             reason = "completed"
+        elif _early_stopped(cfg, history):
+            reason = "stopped early by early_stopping"
         else:
             reason = f"stopped early by {cfg.tune.scheduler}"
         pbt = _pbt_history(exp_dir, _trial_id(result)) if cfg.tune.scheduler == "pbt" else {}
@@ -69,6 +73,13 @@ def _trial_rows(cfg: Config, grid: Any, exp_dir: Path) -> list[dict]:
                      f"best_{metric}": better(values) if values else float("nan"),
                      "epochs_run": epochs, "stop_reason": reason, **pbt, "_curve": values})
     return rows
+
+
+def _early_stopped(cfg: Config, history: Any) -> bool:
+    """The trial's own early stopping ended it (the rule of choose.py on its reported rows)."""
+    if history is None or cfg.early_stopping.monitor not in getattr(history, "columns", ()):
+        return False
+    return choose.stop_epoch(history.to_dict("records"), cfg.early_stopping) is not None
 
 
 def _trial_id(result: Any) -> str | None:
@@ -129,40 +140,62 @@ def _trial_weights(result: Any) -> str | None:
     return str(found) if found is not None and found.is_file() else None
 
 
+def _test_once(cfg: Config, weights: str | None) -> dict | None:
+    """The best trial's checkpoint on the test set: the search's one reading of it."""
+    if weights is None:
+        return None
+    from .inference import evaluate_checkpoint
+
+    return evaluate_checkpoint(weights, trust_class_path=bool(cfg.model.class_path))
+
+
+def _write_best(cfg: Config, exp_dir: Path, best: Any, warm: str | None, test: dict | None,
+                partial: str) -> tuple[dict, Path]:
+    """best.yaml: the fit config of the best trial (from its weights: a warm start), its figures in the header."""
+    params = dict(best.config)
+    from .tune import apply_params
+
+    best_cfg = apply_params(cfg, params)
+    best_cfg = dataclasses.replace(best_cfg, name=f"{cfg.tune.name}_best", out_dir="runs",
+                                   tune=config_mod.TuneSettings(),
+                                   model=dataclasses.replace(best_cfg.model, weights=warm or best_cfg.model.weights))
+    best_path = exp_dir / "best.yaml"
+    tested = f"; test accuracy of its checkpoint {test['test_acc']:.4f} (read once, after the choice)" if test else ""
+    header = (f"# {partial}\n" if partial else "") + (f"# best trial of {exp_dir.name}: {cfg.tune.metric} "
+              f"{best.metrics.get(cfg.tune.metric)}{tested} with {params}\n# trainer fit --config {best_path}\n")
+    if warm:
+        header += ("# model.weights: the trial's last checkpoint, so the fit goes on from its weights (warm start);"
+                   " --set model.weights=null trains from scratch\n")
+    atomic_write_text(best_path, header + config_mod.dump(best_cfg))
+    return params, best_path
+
+
 def summarise(cfg: Config, grid: Any, exp_dir: Path, expected: int = 0) -> TuneResult:
     rows = _trial_rows(cfg, grid, exp_dir)
     finished = sum(row["stop_reason"] != "interrupted" for row in rows)
     partial = (f"PARTIAL: search interrupted with {finished} of {expected} trials finished; "
                f"trainer tune --resume continues it") if finished < expected else ""
     exp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
+    except RuntimeError:
+        best = None
+    found = best is not None and best.config is not None
+    warm = _trial_weights(best) if found else None  # a warm start: the best trial's own last checkpoint
+    test = _test_once(cfg, warm)
+    for row in rows:
+        row["test_acc"] = test["test_acc"] if test and best.path and row["trial"] == Path(best.path).name else ""
     _write_csv(exp_dir / "trials.csv", rows)
     _plot(exp_dir / "trials.png", rows, cfg.tune.metric, partial)
     (exp_dir / "PARTIAL").unlink(missing_ok=True)
     if partial:
         atomic_write_text(exp_dir / "PARTIAL", partial + "\n")
-    try:
-        best = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
-    except RuntimeError:
-        best = None
-    if (best is None or best.config is None) and partial:
+    if not found and partial:
         raise KeyboardInterrupt(partial)
-    if best is None or best.config is None:
+    if not found:
         raise ConfigError(f"no trial of {exp_dir} reported {cfg.tune.metric}; see trials.csv")
-    params = dict(best.config)
-    from .tune import apply_params
-
-    best_cfg = apply_params(cfg, params)
-    warm = _trial_weights(best)  # a warm start: the best trial's own last checkpoint
-    best_cfg = dataclasses.replace(best_cfg, name=f"{cfg.tune.name}_best", out_dir="runs",
-                                   tune=config_mod.TuneSettings(),
-                                   model=dataclasses.replace(best_cfg.model, weights=warm or best_cfg.model.weights))
-    best_path = exp_dir / "best.yaml"
-    header = (f"# {partial}\n" if partial else "") + (f"# best trial of {exp_dir.name}: {cfg.tune.metric} "
-              f"{best.metrics.get(cfg.tune.metric)} with {params}\n# trainer fit --config {best_path}\n")
-    if warm:
-        header += ("# model.weights: the trial's last checkpoint, so the fit goes on from its weights (warm start);"
-                   " --set model.weights=null trains from scratch\n")
-    atomic_write_text(best_path, header + config_mod.dump(best_cfg))
-    metrics = {k: best.metrics.get(k) for k in ("accuracy", "loss", "epoch")}
+    params, best_path = _write_best(cfg, exp_dir, best, warm, test, partial)
+    metrics = {k: best.metrics.get(k) for k in ("val_acc", "val_loss", "epoch")}
+    metrics["test_acc"] = test["test_acc"] if test else None
     return TuneResult(exp_dir, params, metrics, best_path, [{k: v for k, v in r.items() if not k.startswith("_")}
                                                             for r in rows], finished, expected or finished)

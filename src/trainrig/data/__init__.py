@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -23,9 +23,10 @@ from .batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, aug
                       make_batches, sample_batch, shard_indices, worker_errors)
 from .idx import read_idx
 from .images import ImageFiles, Prepared, TensorSet, channel_stats, decode, native_channels, prepare
+from .splits import fingerprint, holdout, split_off
 
-__all__ = ["BatchTransform", "Batches", "ImageFiles", "LoaderBatches", "Prepared", "SOURCES", "Source", "Splits",
-           "TensorBatches", "TensorSet", "augment_generator", "build", "epoch_generator", "load_splits", "read_idx",
+__all__ = ["BatchTransform", "Batches", "Built", "ImageFiles", "LoaderBatches", "Prepared", "SOURCES", "Source", "Splits",
+           "TensorBatches", "TensorSet", "augment_generator", "fingerprint", "holdout", "build", "epoch_generator", "load_splits", "read_idx",
            "resolve", "sample_batch", "shard_indices", "transforms", "user_source"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,10 +38,11 @@ class Source:
     """What a source reads: training and test datasets (uint8 images), class names, where it came from."""
 
     train: Dataset
-    test: Dataset
+    test: Dataset | None  # None: held out of train (data.test_fraction)
     classes: tuple[str, ...]
     where: str
     user: bool = False  # the caller's own datasets: their transforms may be random, so never cached
+    val: Dataset | None = None  # None: held out of train (data.val_fraction)
 
 
 def _mnist_family(name: str) -> Callable[[DataConfig, int], Source]:
@@ -60,8 +62,8 @@ def _cifar(name: str) -> Callable[[DataConfig, int], Source]:
 
 
 def _imagefolder(cfg: DataConfig, seed: int) -> Source:
-    train, test, classes, how = imagefolder.load(cfg.root, cfg.val_fraction, seed)
-    return Source(train, test, classes, f"imagefolder {cfg.root} ({how})")
+    train, val, test, classes, how = imagefolder.load(cfg.root)
+    return Source(train, test, classes, f"imagefolder {cfg.root} ({how})", val=val)
 
 
 def _synthetic(cfg: DataConfig, seed: int) -> Source:
@@ -76,11 +78,15 @@ SOURCES: dict[str, Callable[[DataConfig, int], Source]] = {
 }
 
 
-def user_source(train_data: Any, test_data: Any) -> Source:
-    """The caller's datasets (map-style, items (image, label); a DataLoader contributes its dataset)."""
+def user_source(train_data: Any, test_data: Any, val_data: Any = None) -> Source:
+    """The caller's datasets (map-style, items (image, label); a DataLoader contributes its dataset); without
+    ``val_data`` the validation split is held out of ``train_data``."""
     train = getattr(train_data, "dataset", train_data)
     test = getattr(test_data, "dataset", test_data)
-    for what, ds in (("train_data", train), ("test_data", test)):
+    val = getattr(val_data, "dataset", val_data)
+    for what, ds in (("train_data", train), ("test_data", test), ("val_data", val)):
+        if what == "val_data" and ds is None:
+            continue
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
             raise DataError(f"{what}: expected a map-style Dataset (with __getitem__ and __len__) or a DataLoader "
                             f"over one, got {type(ds).__name__}")
@@ -89,12 +95,14 @@ def user_source(train_data: Any, test_data: Any) -> Source:
         targets = getattr(train, "targets", None)
         classes = [str(i) for i in range(int(torch.as_tensor(targets).max()) + 1)] if targets is not None else []
     return Source(Prepared(train), Prepared(test), tuple(str(c) for c in classes),
-                  f"your datasets ({type(train).__name__}, {type(test).__name__})", user=True)
+                  f"your datasets ({type(train).__name__}, {type(test).__name__})", user=True,
+                  val=Prepared(val) if val is not None else None)
 
 
 @dataclass(frozen=True)
 class Splits:
-    """Training and test sets as the model sees them (before normalisation), and what describes them."""
+    """Training, validation and test sets as the model sees them (before normalisation), and what describes
+    them. ``val`` is None with data.val_fraction 0 (and no validation set of the source's own)."""
 
     train: Dataset  # TensorSet: decoded in memory; anything else: decoded per item by a DataLoader
     test: Dataset
@@ -104,10 +112,11 @@ class Splits:
     channels: int
     size: int
     description: str
+    val: Dataset | None = None
 
     @property
     def in_memory(self) -> bool:
-        return isinstance(self.train, TensorSet) and isinstance(self.test, TensorSet)
+        return all(isinstance(ds, TensorSet) for ds in (self.train, self.val, self.test) if ds is not None)
 
     @property
     def train_images(self) -> torch.Tensor:
@@ -124,6 +133,14 @@ class Splits:
     @property
     def test_labels(self) -> torch.Tensor:
         return self.test.labels  # type: ignore[attr-defined]
+
+    @property
+    def val_images(self) -> torch.Tensor:
+        return self.val.images  # type: ignore[union-attr]
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        return self.val.labels  # type: ignore[union-attr]
 
     @property
     def num_classes(self) -> int:
@@ -235,9 +252,7 @@ def load_splits(cfg: DataConfig, seed: int = 0, *, channels: int | None = None, 
                 local_world: int = 1, source: Source | None = None) -> Splits:
     """Read the source, shape every image to ``channels`` x ``data.image_size``, cache or stream, get stats."""
     src = source or SOURCES[cfg.name](cfg, seed)
-    train, test = _subset(src.train, cfg.subset), _subset(src.test, cfg.test_subset)
-    if not len(train) or not len(test):  # type: ignore[arg-type]
-        raise DataError(f"{src.where}: {len(train)} training and {len(test)} test images; both must be non-empty")
+    train, val, test = _three(src, cfg, seed)
     first = _first_image(train)
     channels = channels or (native_channels(first) if first.dtype == torch.uint8 else int(first.shape[-3]))
     size = cfg.image_size or int(min(first.shape[-2:]))
@@ -246,15 +261,17 @@ def load_splits(cfg: DataConfig, seed: int = 0, *, channels: int | None = None, 
         raise DataError(f"data.image_size: null takes the first training image's size, and {which} is "
                         f"{'x'.join(map(str, first.shape[-2:]))}; set data.image_size (>= {MIN_SIZE}) to resize "
                         f"every image")
-    need_mb = (len(train) + len(test)) * channels * size * size / 2**20  # type: ignore[arg-type]
+    sets = [ds for ds in (train, val, test) if ds is not None]
+    need_mb = sum(len(ds) for ds in sets) * channels * size * size / 2**20  # type: ignore[arg-type]
     budget = cfg.cache_mb if cfg.cache_mb is not None else _default_cache_mb(local_world)
     if cfg.loader == "memory" or (cfg.loader == "auto" and not src.user and need_mb <= budget):
         decoders = _workers(cfg, local_world)  # DataLoader workers for the one decoding pass
-        train, test = _cached(train, channels, size, decoders), _cached(test, channels, size, decoders)
+        train, val, test = (_cached(ds, channels, size, decoders) if ds is not None else None
+                            for ds in (train, val, test))
         how = f"decoded once into memory ({need_mb:.0f} MiB, data.cache_mb {budget:.0f})"
     else:
-        train, test = _with_shape(train, channels, size), _with_shape(test, channels, size)
-        for ds in (train, test):
+        train, val, test = (_with_shape(ds, channels, size) if ds is not None else None for ds in (train, val, test))
+        for ds in (train, val, test):
             if isinstance(ds, ImageFiles):
                 _check_files(ds)
         why = ("your datasets are not cached: their transforms may be random" if src.user else
@@ -267,9 +284,28 @@ def load_splits(cfg: DataConfig, seed: int = 0, *, channels: int | None = None, 
             raise DataError(f"data.classes names {len(cfg.classes)} classes but {src.where} has {len(classes)}")
         classes = tuple(cfg.classes)
     mean, std = _stats(cfg, train, channels, pretrained)
-    description = (f"{src.where}: {len(train)} train / {len(test)} test images, {channels}x{size}x{size}, "
-                   f"{len(classes)} classes; {how}")
-    return Splits(train, test, classes, mean, std, channels, size, description)
+    counts = f"{len(train)} train / {len(val) if val is not None else 'no'} val / {len(test)} test"
+    description = f"{src.where}: {counts} images, {channels}x{size}x{size}, {len(classes)} classes; {how}"
+    return Splits(train, test, classes, mean, std, channels, size, description, val)
+
+
+def _three(src: Source, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset | None, Dataset]:
+    """Training, validation and test sets: the source's own, or held out of training (splits.py); the
+    subsets of data.subset / test_subset first."""
+    train = _subset(src.train, cfg.subset)
+    if not len(train):  # type: ignore[arg-type]
+        raise DataError(f"{src.where}: no training images")
+    test = src.test
+    if test is None:
+        train, test = split_off(train, cfg.test_fraction, seed, "test", src.where)
+    val = src.val
+    if val is None and cfg.val_fraction:
+        train, val = split_off(train, cfg.val_fraction, seed, "val", src.where)
+    test = _subset(test, cfg.test_subset)
+    for name, ds in (("validation", val), ("test", test)):
+        if ds is not None and not len(ds):  # type: ignore[arg-type]
+            raise DataError(f"{src.where}: the {name} set is empty")
+    return train, val, test
 
 
 def resolve(cfg: Config, splits: Splits) -> Config:
@@ -291,16 +327,25 @@ def transforms(cfg: DataConfig, mean: Any, std: Any, channels_last: bool = True,
     return BatchTransform(flip=cfg.flip, crop_padding=cfg.crop_padding, **common), BatchTransform(**common)
 
 
+class Built(NamedTuple):
+    """This process's batches of each split (``val`` None without a validation split), and the splits."""
+
+    train: Batches
+    val: Batches | None
+    test: Batches
+    splits: Splits
+
+
 def build(cfg: DataConfig, *, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1,
           channels_last: bool = True, dtype: torch.dtype = torch.float32, splits: Splits | None = None,
-          local_world: int = 1) -> tuple[Batches, Batches, Splits]:
-    """Train and test batch iterators for this process (``rank`` of ``world``), plus the splits."""
+          local_world: int = 1) -> Built:
+    """Train, validation and test batch iterators for this process (``rank`` of ``world``), plus the splits."""
     splits = splits if splits is not None else load_splits(cfg, seed, local_world=local_world)
     if not isinstance(cfg.batch_size, int):
         raise DataError(f"data.batch_size={cfg.batch_size!r} must be resolved to a number before batching")
     train_tf, test_tf = transforms(cfg, splits.mean, splits.std, channels_last, dtype)
-    train, test = make_batches(splits.train, splits.test, batch_size=cfg.batch_size,
-                               eval_batch_size=cfg.eval_batch_size, train_tf=train_tf, test_tf=test_tf, device=device,
-                               seed=seed, rank=rank, world=world, num_workers=_workers(cfg, local_world, splits.train),
-                               pin_memory=cfg.pin_memory)
-    return train, test, splits
+    train, (val, test) = make_batches(
+        splits.train, (splits.val, splits.test), batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        train_tf=train_tf, test_tf=test_tf, device=device, seed=seed, rank=rank, world=world,
+        num_workers=_workers(cfg, local_world, splits.train), pin_memory=cfg.pin_memory)
+    return Built(train, val, test, splits)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -116,6 +116,10 @@ class TensorBatches:
         perm = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
         return shard_indices(n, self.rank, self.world, perm)
 
+    def order(self) -> torch.Tensor:
+        """The dataset indices this rank's pass visits, in order (evaluation: every sample on one rank)."""
+        return self._indices()
+
     @property
     def num_samples(self) -> int:
         return len(self._indices()) if not self.train else math.ceil(self.labels.shape[0] / self.world)
@@ -189,6 +193,10 @@ class LoaderBatches:
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
+    def order(self) -> torch.Tensor:
+        """As TensorBatches.order."""
+        return self.sampler.indices()
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with worker_errors():
             for batch, (images, labels) in enumerate(self.loader, self.start):
@@ -227,18 +235,24 @@ def worker_errors() -> Iterator[None]:
         raise
 
 
-def make_batches(train_set: torch.utils.data.Dataset, test_set: torch.utils.data.Dataset, *, batch_size: int,
-                 eval_batch_size: int, train_tf: BatchTransform, test_tf: BatchTransform, device: torch.device,
-                 seed: int, rank: int, world: int, num_workers: int, pin_memory: bool,
-                 force_loader: bool = False) -> tuple[Batches, Batches]:
-    """In-memory tensors are cut directly; anything else (or ``force_loader``) goes through a DataLoader."""
+def make_batches(train_set: torch.utils.data.Dataset, eval_sets: Sequence[torch.utils.data.Dataset | None], *,
+                 batch_size: int, eval_batch_size: int, train_tf: BatchTransform, test_tf: BatchTransform,
+                 device: torch.device, seed: int, rank: int, world: int, num_workers: int, pin_memory: bool,
+                 force_loader: bool = False) -> tuple[Batches, list[Batches | None]]:
+    """Training batches and evaluation batches for each of ``eval_sets`` (None stays None). In-memory tensors
+    are cut directly; anything else (or ``force_loader``) goes through a DataLoader."""
     if batch_size % world:
         raise DataError(f"data.batch_size={batch_size} is the global batch and must divide by the "
                         f"{world} processes")
-    per_rank = batch_size // world
     common = dict(device=device, seed=seed, rank=rank, world=world)
-    pairs = ((train_set, per_rank, train_tf, True), (test_set, eval_batch_size, test_tf, False))
-    if isinstance(train_set, TensorSet) and isinstance(test_set, TensorSet) and not force_loader:
-        return tuple(TensorBatches(ds, bs, tf, train=t, **common) for ds, bs, tf, t in pairs)  # type: ignore
-    return tuple(LoaderBatches(ds, bs, tf, train=t, num_workers=num_workers, pin_memory=pin_memory, **common)
-                 for ds, bs, tf, t in pairs)  # type: ignore
+    in_memory = not force_loader and all(isinstance(ds, TensorSet) for ds in (train_set, *eval_sets) if ds is not None)
+
+    def batches(ds: Any, size: int, tf: BatchTransform, train: bool) -> Batches | None:
+        if ds is None:
+            return None
+        if in_memory:
+            return TensorBatches(ds, size, tf, train=train, **common)
+        return LoaderBatches(ds, size, tf, train=train, num_workers=num_workers, pin_memory=pin_memory, **common)
+
+    return (batches(train_set, batch_size // world, train_tf, True),  # type: ignore[return-value]
+            [batches(ds, eval_batch_size, test_tf, False) for ds in eval_sets])

@@ -1,14 +1,12 @@
 """A folder of the user's images, one subfolder per class (torchvision's ImageFolder layout).
 
-``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``test/``), or one ``root/<class>/*`` tree split
-by ``data.val_fraction`` (seeded, stratified per class). Files are found recursively; class names are the
+``root/train/<class>/*`` with ``root/val/<class>/*`` and ``root/test/<class>/*``, or one ``root/<class>/*``
+tree; a split the layout lacks is held out of the training images (splits.py: seeded, stratified per class). Files are found recursively; class names are the
 folder names, sorted. Every problem a user can fix is a DataError naming the folder or class.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 from ..errors import DataError
 from .images import EXTENSIONS, ImageFiles, is_image
@@ -52,50 +50,35 @@ def _files(by_class: dict[str, list[Path]], classes: list[str]) -> ImageFiles:
     return ImageFiles(paths, labels)
 
 
-def _split(by_class: dict[str, list[Path]], fraction: float, seed: int) -> tuple[dict, dict]:
-    """Per class, a seeded shuffle; round(n * fraction) files go to validation (at least 1 if n >= 2)."""
-    gen = torch.Generator().manual_seed(seed)
-    train, val = {}, {}
-    for name, files in by_class.items():
-        order = torch.randperm(len(files), generator=gen).tolist()
-        k = round(len(files) * fraction)
-        k = min(max(k, 1 if fraction > 0 and len(files) >= 2 else 0), len(files) - 1)
-        val_idx = set(order[:k])
-        train[name] = [f for i, f in enumerate(files) if i not in val_idx]
-        if k:
-            val[name] = [f for i, f in enumerate(files) if i in val_idx]
-    return train, val
-
-
-def layout(root: Path) -> tuple[Path, Path | None]:
-    """The training folder and the validation folder (None: split the training one)."""
+def layout(root: Path) -> tuple[Path, Path | None, Path | None]:
+    """The training folder, the validation folder and the test folder (None: held out of the training one)."""
     if not root.is_dir():
         raise DataError(f"data.root={root}: folder not found (data.name=imagefolder)")
     if (root / "train").is_dir():
-        val = next((root / v for v in ("val", "valid", "validation", "test") if (root / v).is_dir()), None)
-        return root / "train", val
-    return root, None
+        val = next((root / v for v in ("val", "valid", "validation") if (root / v).is_dir()), None)
+        return root / "train", val, root / "test" if (root / "test").is_dir() else None
+    return root, None, None
 
 
-def load(root: str | Path, val_fraction: float, seed: int) -> tuple[ImageFiles, ImageFiles, tuple[str, ...], str]:
-    """Training and validation files with labels, the class names, and a description of the layout."""
+def _other(folder: Path, train_dir: Path, classes: list[str]) -> ImageFiles:
+    by_class = _scan(folder)
+    extra = sorted(set(by_class) - set(classes))
+    if extra:
+        raise DataError(f"{folder}: class '{extra[0]}' is in {folder.name}/ but not in {train_dir}/ "
+                        f"(a model cannot learn a class it never sees)")
+    return _files(by_class, classes)
+
+
+def load(root: str | Path) -> tuple[ImageFiles, ImageFiles | None, ImageFiles | None, tuple[str, ...], str]:
+    """Training, validation and test files with labels (None: not in the layout, held out of training by
+    data.val_fraction / test_fraction), the class names, and a description of the layout."""
     root = Path(root)
-    train_dir, val_dir = layout(root)
+    train_dir, val_dir, test_dir = layout(root)
     by_class = _scan(train_dir)
     classes = sorted(by_class)
-    if val_dir is not None:
-        val_by_class = _scan(val_dir)
-        extra = sorted(set(val_by_class) - set(classes))
-        if extra:
-            raise DataError(f"{val_dir}: class '{extra[0]}' is in {val_dir.name}/ but not in {train_dir}/ "
-                            f"(a model cannot learn a class it never sees)")
-        how = f"{train_dir.name}/ + {val_dir.name}/"
-    else:
-        if not 0 < val_fraction < 1:
-            raise DataError(f"{root}: no train/ and val/ folders, so data.val_fraction must lie in (0, 1) "
-                            f"to split one off, got {val_fraction}")
-        by_class, val_by_class = _split(by_class, val_fraction, seed)
-        how = f"one folder split {1 - val_fraction:.0%}/{val_fraction:.0%} per class (seed {seed})"
     if len(classes) < 2:
         raise DataError(f"{train_dir}: only one class folder ('{classes[0]}'); a classifier needs at least two")
-    return _files(by_class, classes), _files(val_by_class, classes), tuple(classes), how
+    val, test = (_other(d, train_dir, classes) if d is not None else None for d in (val_dir, test_dir))
+    how = " + ".join(f"{d.name}/" for d in (train_dir, val_dir, test_dir) if d is not None) \
+        if train_dir != root else "one folder of classes"
+    return _files(by_class, classes), val, test, tuple(classes), how

@@ -22,7 +22,7 @@ from .surgery import (Layout, apply_unfrozen, first_conv, fold_conv_weight, head
 
 __all__ = ["Layout", "build_model", "enable_grad_checkpointing", "load_state_dict_file", "param_groups",
            "apply_unfrozen", "unfrozen_stages", "layout_of", "fold_conv_weight", "new_conv1", "new_head",
-           "first_conv", "head", "strip_prefixes", "torchvision_archs"]
+           "first_conv", "head", "strip_prefixes", "torchvision_archs", "check_output"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _ARCH_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
@@ -235,3 +235,20 @@ def enable_grad_checkpointing(model: nn.Module, blocks: tuple[str, ...]) -> nn.M
             return _inner(*args, **kwargs)
         block.forward = forward
     return model
+
+
+def check_output(model: nn.Module, size: int, c: int, n: int) -> None:
+    """A network of the user's must map (N, C, H, W) images to (N, num_classes) logits: say so before training."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, c, size, size, device=next(model.parameters()).device))
+    except Exception as exc:
+        raise ConfigError(f"model: {type(model).__name__} fails on a (2, {c}, {size}, {size}) batch: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model: {type(model).__name__} returns {shape} for a (2, {c}, {size}, {size}) batch; "
+                          f"expected logits of shape (2, {n}) (model.num_classes={n})")
