@@ -30,7 +30,7 @@ def main() -> None:
     factors = args.reduction_factor or [base.tune.reduction_factor]
     runs = [("fifo", "tune.scheduler=fifo")] + [(f"asha rf {rf:g}", f"tune.reduction_factor={rf}") for rf in factors]
     results = {}
-    tune.start_ray(base)  # outside the timings: the runs share one local Ray
+    tune.start_ray(base.tune.address, base.tune.object_store_mb)  # outside the timings: the runs share one Ray
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, setting) in enumerate(runs):
             scheduler = "fifo" if label == "fifo" else "asha"
