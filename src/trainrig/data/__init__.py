@@ -23,7 +23,7 @@ from .batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, aug
                       make_batches, sample_batch, shard_indices, worker_errors)
 from .idx import read_idx
 from .images import ImageFiles, Prepared, TensorSet, channel_stats, decode, native_channels, prepare
-from .splits import fingerprint, holdout, split_off
+from .splits import fingerprint, holdout, split_off, take
 
 __all__ = ["BatchTransform", "Batches", "Built", "ImageFiles", "LoaderBatches", "Prepared", "SOURCES", "Source", "Splits",
            "TensorBatches", "TensorSet", "augment_generator", "fingerprint", "holdout", "build", "epoch_generator", "load_splits", "read_idx",
@@ -148,13 +148,8 @@ class Splits:
 
 
 def _subset(ds: Dataset, n: int | None) -> Dataset:
-    if not n or n >= len(ds):  # type: ignore[arg-type]
-        return ds
-    if isinstance(ds, TensorSet):
-        return TensorSet(ds.images[:n], ds.labels[:n])
-    if isinstance(ds, ImageFiles):
-        return ds.subset(list(range(n)))
-    return Prepared(torch.utils.data.Subset(ds, range(n)))
+    """The first ``n`` items (data.subset / test_subset)."""
+    return ds if not n or n >= len(ds) else take(ds, list(range(n)))  # type: ignore[arg-type]
 
 
 def _first_image(ds: Dataset) -> torch.Tensor:
