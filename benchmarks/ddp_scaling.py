@@ -32,7 +32,7 @@ from torch import nn
 import trainrig
 from trainrig import data
 from trainrig.config import default_config_path
-from trainrig.launch import free_port
+from trainrig.parallel.launch import free_port
 
 
 class WarmTimer(trainrig.Callback):

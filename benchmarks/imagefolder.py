@@ -32,9 +32,9 @@ from torch import nn
 from torchvision import transforms
 
 from trainrig import config, data, models
-from trainrig.state import TrainState
-from trainrig.step import Stepper
-from trainrig.strategy import DistEnv, SingleStrategy
+from trainrig.training.state import TrainState
+from trainrig.training.step import Stepper
+from trainrig.parallel.strategy import DistEnv, SingleStrategy
 
 from throughput import plain_model  # the source notes' ResNet18 surgery, shared with throughput.py
 

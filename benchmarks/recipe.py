@@ -18,8 +18,8 @@ from pathlib import Path
 
 import trainrig
 from trainrig.config import default_config_path
-from trainrig.ema import WeightAverage
-from trainrig.loop import evaluate
+from trainrig.training.ema import WeightAverage
+from trainrig.training.loop import evaluate
 
 FAST = ["epochs=3", "optim.label_smoothing=0.1", "data.batch_size=64"]
 RECIPES: dict[str, list[str]] = {

@@ -2,7 +2,7 @@
 
 Plain loop: torchvision ``FashionMNIST`` + ``ToTensor`` + ``DataLoader(num_workers=2)``, the same ResNet18
 surgery, the same optimizer algorithm (AdamW, lr 1e-3) and thread count. trainrig: its in-memory batches,
-channels_last and fused optimizer, through the training step (``trainrig.step.Stepper``). Run: ``python benchmarks/throughput.py``.
+channels_last and fused optimizer, through the training step (``trainrig.training.step.Stepper``). Run: ``python benchmarks/throughput.py``.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torchvision
 from torch import nn
 
 from trainrig import config, data, models
-from trainrig.state import TrainState
-from trainrig.step import Stepper
-from trainrig.strategy import DistEnv, SingleStrategy
+from trainrig.training.state import TrainState
+from trainrig.training.step import Stepper
+from trainrig.parallel.strategy import DistEnv, SingleStrategy
 
 
 def torchvision_root(tmp: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import trainrig
-from trainrig.loop import evaluate
+from trainrig.training.loop import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER = {"none": "flip", "flip": "none"}

@@ -6,7 +6,7 @@ Each run: ``torchrun --standalone --nproc-per-node 2 --max-restarts 1`` of a pla
 Linear; rank 1 SIGKILLs itself at step 3 of the first attempt), joining the group three ways:
   plain       init_process_group("gloo") from torchrun's environment (env://);
   no-share    the same, with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment;
-  fresh       init_process_group(store=trainrig.rendezvous.fresh_store(...)), what trainrig does.
+  fresh       init_process_group(store=trainrig.parallel.rendezvous.fresh_store(...)), what trainrig does.
 Prints how many runs finished and how long the slowest took (docs/failures.md quotes it).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def worker(marker: str, how: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=30)
     if how == "fresh":
-        from trainrig.rendezvous import fresh_store
+        from trainrig.parallel.rendezvous import fresh_store
 
         dist.init_process_group("gloo", store=fresh_store(rank, world, 30), rank=rank, world_size=world,
                                 timeout=timeout)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import trainrig
-from trainrig import tune
+from trainrig.search import tune
 
 
 def main() -> None:

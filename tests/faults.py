@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trainrig.callbacks import Callback
+from trainrig.training.callbacks import Callback
 
 
 class SimulatedOOM(torch.cuda.OutOfMemoryError):

@@ -4,7 +4,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from trainrig import config, reference
+from trainrig import config
+from trainrig.config import reference
 from trainrig.cli import app
 from trainrig.errors import ConfigError
 

@@ -10,11 +10,12 @@ import torch
 import torchvision
 
 import trainrig
-from trainrig.inference import evaluate_checkpoint
+from trainrig.trained.inference import evaluate_checkpoint
 
 from conftest import RESNET
-from trainrig import checkpoint, data, models, optim
-from trainrig.launch import WorkerFailed
+from trainrig.training import checkpoint, optim
+from trainrig import data, models
+from trainrig.parallel.launch import WorkerFailed
 from trainrig.models.parallel import StagedResNet, model_parallel_resnet50, stage_names
 
 from faults import FailOnRank, Recorder

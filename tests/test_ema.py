@@ -5,11 +5,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint
+from trainrig.training import checkpoint
 from trainrig.cli import app
-from trainrig.ema import WeightAverage
-from trainrig.inference import evaluate_checkpoint
-from trainrig.loop import evaluate
+from trainrig.training.ema import WeightAverage
+from trainrig.trained.inference import evaluate_checkpoint
+from trainrig.training.loop import evaluate
 
 from conftest import assert_exit_2
 from faults import SaveAverage

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint
+from trainrig.training import checkpoint
 from trainrig.cli import app
 
 from conftest import RESNET, assert_exit_2

@@ -101,7 +101,7 @@ def cfg_args(tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_with_ema_and_tta(tmp_path, precision):
-    from trainrig import checkpoint
+    from trainrig.training import checkpoint
 
     cfg = trainrig.load_config(None, [*cfg_args(tmp_path), f"precision={precision}"])
     result = trainrig.fit(cfg, progress="off")

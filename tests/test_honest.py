@@ -15,12 +15,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint, data
+from trainrig.training import checkpoint
+from trainrig import data
 from trainrig.cli import app
 from trainrig.config import DataConfig
 from trainrig.data import synthetic
-from trainrig.evaluation import evaluate_report
-from trainrig.inference import evaluate_checkpoint
+from trainrig.training.evaluation import evaluate_report
+from trainrig.trained.inference import evaluate_checkpoint
 
 from conftest import assert_exit_2, write_idx
 

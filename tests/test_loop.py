@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint, optim
+from trainrig.training import checkpoint, optim
 from trainrig.cli import app
 from trainrig.config import SchedConfig
 from trainrig.errors import CheckpointError

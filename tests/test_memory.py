@@ -9,13 +9,14 @@ import torch
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint, memory, models, optim
+from trainrig.training import checkpoint, memory, optim
+from trainrig import models
 from trainrig.cli import app
 from trainrig.errors import OutOfMemory
-from trainrig.progress import Progress
-from trainrig.state import TrainState
-from trainrig.step import Stepper
-from trainrig.strategy import DistEnv, SingleStrategy
+from trainrig.training.progress import Progress
+from trainrig.training.state import TrainState
+from trainrig.training.step import Stepper
+from trainrig.parallel.strategy import DistEnv, SingleStrategy
 
 from conftest import assert_exit_2
 from faults import Recorder, SimulateOOM, check_simulated

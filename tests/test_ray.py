@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import trainrig
-from trainrig import checkpoint
-from trainrig.launch import free_port
+from trainrig.training import checkpoint
+from trainrig.parallel.launch import free_port
 
 DDP = ["strategy=ddp", "devices=2", "threads=1", "data.synthetic_train=128", "data.synthetic_test=64",
        "data.batch_size=32", "data.flip=true", "epochs=2", "checkpoint.every_n_steps=2"]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import trainrig
-from trainrig import checkpoint
+from trainrig.training import checkpoint
 
 from test_faults import assert_same_run
 
@@ -150,8 +150,8 @@ def test_the_ray_driver_turns_a_signal_into_a_stop_file_and_a_stop(tmp_path):
     is gone afterwards, and the driver reports the stop - or that nothing had been saved yet."""
     import os
 
-    from trainrig import ray_launch
-    from trainrig.preempt import Preempted
+    from trainrig.parallel import ray_train as ray_launch
+    from trainrig.training.preempt import Preempted
 
     run_dir = tmp_path / "run"
     with ray_launch._stop_file_on_signal(run_dir) as asked:

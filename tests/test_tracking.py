@@ -6,7 +6,7 @@ import struct
 import pytest
 
 import trainrig
-from trainrig import loggers
+from trainrig.tracking import loggers
 from trainrig.errors import ConfigError
 
 ALL = "loggers=[csv, tensorboard, mlflow, wandb]"
@@ -117,7 +117,7 @@ def test_trainer_runs_compares_folders(tiny_cfg, tmp_path, monkeypatch):
     crash = "callbacks=[{class_path: faults.FailOnRank, init_args: {rank: 0, epoch: 1}}]"
     with pytest.raises(RuntimeError, match="injected failure"):
         trainrig.fit(tiny_cfg("name=c", "optim.lr=0.003", crash), progress="off")
-    from trainrig import runs
+    from trainrig.tracking import runs
 
     summaries = runs.compare(tmp_path / "runs", sort="name")
     assert [s.name for s in summaries] == ["a", "b", "c"]

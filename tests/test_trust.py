@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import checkpoint
+from trainrig.training import checkpoint
 from trainrig.cli import app
 
 from conftest import assert_exit_2

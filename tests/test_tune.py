@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 import trainrig
-from trainrig import tune
+from trainrig.search import tune
 from trainrig.cli import app
 from trainrig.errors import ConfigError
 

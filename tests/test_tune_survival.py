@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import trainrig
-from trainrig import tune
+from trainrig.search import tune
 
 from test_tune import SPACE, tune_cfg
 

@@ -11,14 +11,14 @@ Notebook use::
     result = trainrig.fit(cfg, model=my_net, train_data=train_set, test_data=val_set)
     trainrig.predict(result.run_dir / "checkpoints" / "best.pt", ["photo.png"])
 """
-from .callbacks import Callback
-from .config import Config, load as load_config
-from .errors import ConfigError, DataError, TrainrigError
-from .export import export
-from .inference import Prediction, load_trained, predict
-from .inference import evaluate_checkpoint
-from .loop import FitResult, fit
-from .models import build_model
+from trainrig.training.callbacks import Callback
+from trainrig.config import Config, load as load_config
+from trainrig.errors import ConfigError, DataError, TrainrigError
+from trainrig.trained.export import export
+from trainrig.trained.inference import Prediction, load_trained, predict
+from trainrig.trained.inference import evaluate_checkpoint
+from trainrig.training.loop import FitResult, fit
+from trainrig.models import build_model
 
 __all__ = ["Callback", "Config", "ConfigError", "DataError", "FitResult", "Prediction", "TrainrigError",
            "build_model", "evaluate_checkpoint", "export", "fit", "load_config", "load_trained", "predict"]

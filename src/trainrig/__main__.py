@@ -1,3 +1,3 @@
-from .cli import main
+from trainrig.cli import main
 
 main()

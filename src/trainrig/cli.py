@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import config as config_mod, reference
-from .errors import RunFailed, TrainrigError
-from .preempt import Preempted
+from trainrig import config as config_mod
+from trainrig.config import reference
+from trainrig.errors import RunFailed, TrainrigError
+from trainrig.training.preempt import Preempted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train vision models from one YAML file.")
@@ -78,7 +79,7 @@ def fit(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
                                                  "checkpoint (e.g. a tune trial's last.pt): --set model.weights=PATH.")
         ) -> None:
     """Train a model as the config says; results go to <out_dir>/<name>/."""
-    from .loop import fit as run_fit
+    from trainrig.training.loop import fit as run_fit
 
     shortcuts = [*([f"data.batch_size={batch_size}"] if batch_size is not None else []),
                  *([f"model.weights={init_from}"] if init_from is not None else [])]
@@ -118,7 +119,7 @@ def tune(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt,
          resume: bool = typer.Option(False, "--resume", help="Continue the interrupted experiment tune.name."),
          quiet: bool = typer.Option(False, "--quiet", "-q", help="No live trial table.")) -> None:
     """Search hyperparameters with Ray Tune; writes best.yaml, trials.csv and trials.png."""
-    from .tune import run as run_tune
+    from trainrig.search.tune import run as run_tune
 
     result = run_tune(_load(config, set_), resume=resume, verbose=not quiet)
     out.print(tune_table(result))
@@ -167,7 +168,7 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoin
                                                  "mistakes.png, report.html; default <run>/eval-<checkpoint name>.")
           ) -> None:
     """Evaluate a saved checkpoint on its config's test set and write the evaluation report."""
-    from .inference import evaluate_checkpoint
+    from trainrig.trained.inference import evaluate_checkpoint
 
     if out_dir is None:
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -185,7 +186,7 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoin
 @user_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder (or a trainer eval --out folder).")) -> None:
     """Rebuild report.html (and curves.png, confusion.png) from a run folder's files."""
-    from .page import write_page
+    from trainrig.tracking.page import write_page
 
     out.print(f"wrote {write_page(run_dir, replot=True)}")
 
@@ -194,7 +195,7 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder (or a trai
 @user_errors
 def data_cmd(config: Optional[Path] = ConfigOpt, set_: List[str] = SetOpt) -> None:
     """Read the configured dataset once (downloading it if missing and online) and describe it."""
-    from . import data
+    from trainrig import data
 
     cfg = _load(config, set_)
     splits = data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels,
@@ -212,8 +213,8 @@ def predict(paths: List[Path] = typer.Argument(..., help="Image files or folders
             out_csv: Optional[Path] = typer.Option(None, "--out", help="Also write the predictions to this CSV."),
             tta: Optional[str] = TTAOpt, trust: bool = TrustOpt) -> None:
     """Label images with a trained model; preprocessing comes from the checkpoint."""
-    from .checkpoint import check_writable
-    from .inference import predict as run_predict, write_csv
+    from trainrig.training.checkpoint import check_writable
+    from trainrig.trained.inference import predict as run_predict, write_csv
 
     if out_csv is not None:
         check_writable(out_csv, "--out")
@@ -238,7 +239,7 @@ def export_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A chec
                force: bool = typer.Option(False, "--force", help="Replace an existing export."),
                trust: bool = TrustOpt) -> None:
     """Export a trained model; its preprocessing and class names go to a .json beside it."""
-    from .export import export
+    from trainrig.trained.export import export
 
     res = export(checkpoint, fmt, out_path, force=force, trust_class_path=trust)
     out.print(f"wrote {res.path} and {res.sidecar}; outputs match the checkpoint's to {res.max_abs_diff:.2e} "
@@ -254,8 +255,8 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder of run folders
          ) -> None:
     """Compare run folders: epochs, the chosen epoch's val accuracy, its test accuracy, time, speed and the config
     keys that differ."""
-    from . import runs as runs_mod
-    from .checkpoint import check_writable
+    from trainrig.tracking import runs as runs_mod
+    from trainrig.training.checkpoint import check_writable
 
     if plot is not None:
         check_writable(plot, "--plot")
@@ -287,7 +288,7 @@ def gpus(watch: float = typer.Option(0, "--watch", help="Refresh every N seconds
     """GPU usage table (ID, util %, memory %, per-device total/free, this process's allocated/reserved/peak)."""
     import time
 
-    from . import memory
+    from trainrig.training import memory
 
     while True:
         rows = memory.gpu_usage()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import ConfigError
+from trainrig.errors import ConfigError
 
 
 def import_object(path: Any, key: str) -> Any:

@@ -16,14 +16,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from ..config import Config, DataConfig
-from ..errors import DataError
-from . import cifar, idx, imagefolder, synthetic
-from .batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, augment_generator, epoch_generator,
-                      make_batches, sample_batch, shard_indices, worker_errors)
-from .idx import read_idx
-from .images import ImageFiles, Prepared, TensorSet, channel_stats, decode, native_channels, prepare
-from .splits import fingerprint, holdout, split_off, take
+from trainrig.config import Config, DataConfig
+from trainrig.errors import DataError
+from trainrig.data import cifar, idx, imagefolder, synthetic
+from trainrig.data.batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, augment_generator, epoch_generator, make_batches, sample_batch, shard_indices, worker_errors)
+from trainrig.data.idx import read_idx
+from trainrig.data.images import ImageFiles, Prepared, TensorSet, channel_stats, decode, native_channels, prepare
+from trainrig.data.splits import fingerprint, holdout, split_off, take
 
 __all__ = ["BatchTransform", "Batches", "Built", "ImageFiles", "LoaderBatches", "Prepared", "SOURCES", "Source", "Splits",
            "TensorBatches", "TensorSet", "augment_generator", "fingerprint", "holdout", "build", "epoch_generator", "load_splits", "read_idx",
@@ -215,7 +214,7 @@ def _check_files(ds: ImageFiles) -> None:
 
 def _default_cache_mb(local_world: int) -> float:
     """Half the host RAM available now, shared by the processes on this machine."""
-    from ..memory import host_memory
+    from trainrig.training.memory import host_memory
 
     available = host_memory()["available"]
     return 0.5 * (available if available == available else 4096.0) / max(local_world, 1)

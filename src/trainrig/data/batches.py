@@ -13,8 +13,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..errors import DataError
-from .images import TensorSet
+from trainrig.errors import DataError
+from trainrig.data.images import TensorSet
 
 
 # ----------------------------------------------------------------------------- batch transforms

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from trainrig.errors import DataError
 
 PIXELS = 3 * 32 * 32
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from trainrig.errors import DataError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

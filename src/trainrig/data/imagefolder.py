@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
-from .images import EXTENSIONS, ImageFiles, is_image
+from trainrig.errors import DataError
+from trainrig.data.images import EXTENSIONS, ImageFiles, is_image
 
 
 def _class_dirs(folder: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from trainrig.errors import DataError
 
 # torchvision.io decodes these itself; the rest go through Pillow (a torchvision dependency)
 NATIVE = {".png", ".jpg", ".jpeg", ".gif", ".webp"}

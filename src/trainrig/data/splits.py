@@ -13,8 +13,8 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from .images import ImageFiles, Prepared, TensorSet
+from trainrig.errors import DataError
+from trainrig.data.images import ImageFiles, Prepared, TensorSet
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
-from ..imports import construct, import_class
-from . import surgery
-from .surgery import (Layout, apply_unfrozen, first_conv, fold_conv_weight, head, new_conv1, new_head, layout,
-                      unfrozen_stages)
+from trainrig.config import ModelConfig
+from trainrig.errors import CheckpointError, ConfigError
+from trainrig.imports import construct, import_class
+from trainrig.models import surgery
+from trainrig.models.surgery import (Layout, apply_unfrozen, first_conv, fold_conv_weight, head, new_conv1, new_head, layout, unfrozen_stages)
 
 __all__ = ["Layout", "build_model", "enable_grad_checkpointing", "load_state_dict_file", "param_groups",
            "apply_unfrozen", "unfrozen_stages", "layout_of", "fold_conv_weight", "new_conv1", "new_head",
