@@ -34,7 +34,7 @@ from torchvision import transforms
 from trainrig import config, data, models
 from trainrig.training.state import TrainState
 from trainrig.training.step import Stepper
-from trainrig.parallel.strategy import DistEnv, SingleStrategy
+from trainrig.parallel import DistEnv, SingleStrategy
 
 from throughput import plain_model  # the source notes' ResNet18 surgery, shared with throughput.py
 

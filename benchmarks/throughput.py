@@ -20,7 +20,7 @@ from torch import nn
 from trainrig import config, data, models
 from trainrig.training.state import TrainState
 from trainrig.training.step import Stepper
-from trainrig.parallel.strategy import DistEnv, SingleStrategy
+from trainrig.parallel import DistEnv, SingleStrategy
 
 
 def torchvision_root(tmp: Path) -> Path:

@@ -16,7 +16,7 @@ from trainrig.errors import OutOfMemory
 from trainrig.training.progress import Progress
 from trainrig.training.state import TrainState
 from trainrig.training.step import Stepper
-from trainrig.parallel.strategy import DistEnv, SingleStrategy
+from trainrig.parallel import DistEnv, SingleStrategy
 
 from conftest import assert_exit_2
 from faults import Recorder, SimulateOOM, check_simulated

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trainrig.config import Config, DataConfig
-from trainrig.errors import DataError
+from trainrig.errors import ConfigError, DataError
 from trainrig.data import cifar, idx, imagefolder, synthetic
 from trainrig.data.batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, augment_generator, epoch_generator, make_batches, sample_batch, shard_indices, worker_errors)
 from trainrig.data.idx import read_idx
@@ -300,6 +300,16 @@ def _three(src: Source, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset | 
         if ds is not None and not len(ds):  # type: ignore[arg-type]
             raise DataError(f"{src.where}: the {name} set is empty")
     return train, val, test
+
+
+def check_labels(splits: Splits, num_classes: int) -> None:
+    """Checks on the host before the first step: on a GPU these fail later as a device-side assert."""
+    found = [t for t in (getattr(ds, "labels", None) for ds in (splits.train, splits.val, splits.test))
+             if t is not None and t.numel()]
+    labels = torch.cat([t.flatten().long() for t in found]) if found else torch.zeros(0)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ConfigError(f"labels go up to {int(labels.max())} but model.num_classes={num_classes}: "
+                          f"labels must lie in [0, model.num_classes)")
 
 
 def resolve(cfg: Config, splits: Splits) -> Config:

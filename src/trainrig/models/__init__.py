@@ -17,6 +17,7 @@ from trainrig.config import ModelConfig
 from trainrig.errors import CheckpointError, ConfigError
 from trainrig.imports import construct, import_class
 from trainrig.models import surgery
+from trainrig.training import checkpoint
 from trainrig.models.surgery import (Layout, apply_unfrozen, first_conv, fold_conv_weight, head, new_conv1, new_head, layout, unfrozen_stages)
 
 __all__ = ["Layout", "build_model", "enable_grad_checkpointing", "load_state_dict_file", "param_groups",
@@ -49,8 +50,8 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict (or a trainrig checkpoint holding one under ``model``) with weights_only=True;
-    ``.safetensors`` files too (as ``trainer export`` writes them)."""
+    """Read a state_dict (or a trainrig checkpoint holding one under ``model``, or naming the shard folder
+    that does) with weights_only=True; ``.safetensors`` files too (as ``trainer export`` writes them)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"model.weights: {path} is a folder; give a weights or checkpoint file (e.g. "
@@ -66,6 +67,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and obj.get(checkpoint.SHARDS):  # a sharded run's step file: its tensors only
+        obj = checkpoint.read_sharded(path.parent / str(obj[checkpoint.SHARDS]), "model")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

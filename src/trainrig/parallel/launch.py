@@ -1,8 +1,6 @@
-"""Launching: run a worker once per process the strategy needs, and return rank 0's result.
-
-single / dp / model_parallel: in this process. ddp: in the group a launcher set up (torchrun, or Ray Train,
-which sets RANK / WORLD_SIZE), or in ``world`` processes started here with ``torch.multiprocessing`` on a
-free loopback port. Callbacks travel to spawned ranks pickled; a callback with ``in_launcher = True``
+"""Starting a process group (for the strategies in group.py): join the group a launcher set up (torchrun, or
+Ray Train, which sets RANK / WORLD_SIZE), or start ``world`` processes here with ``torch.multiprocessing`` on
+a free loopback port, restarted after a rank dies. Callbacks travel to spawned ranks pickled; a callback with ``in_launcher = True``
 stays in this process instead and gets rank 0's events through a queue, one at a time (rank 0 waits
 for each to be handled, so files it names are stable meanwhile).
 """
@@ -26,14 +24,11 @@ import torch.multiprocessing as mp
 
 from trainrig.training.callbacks import Callback, RunInfo
 from trainrig.config import Config
-from trainrig.errors import ConfigError, RunFailed, TrainrigError
+from trainrig.errors import RunFailed, TrainrigError
 from trainrig.training.preempt import Preempted, on_stop_signals, signal_name
 from trainrig.parallel.rendezvous import agent_store_shared, fresh_store
-from trainrig.parallel.strategy import DistEnv, group_timeout
+from trainrig.parallel.base import DistEnv, Worker, group_timeout
 from trainrig.training.watchdog import Watchdog
-
-Worker = Callable[[DistEnv, Sequence[Callback]], Any]
-
 
 class WorkerFailed(RunFailed):
     """A DDP rank raised; the message names the rank and its error (the CLI exits 1, not 2)."""
@@ -43,15 +38,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ddp_world_size(cfg: Config) -> int:
-    """Processes to start for ddp: ``devices: N``, a list's length, or auto (each GPU, else 2 CPU processes)."""
-    if isinstance(cfg.devices, int):
-        return cfg.devices
-    if isinstance(cfg.devices, list):
-        return len(cfg.devices)
-    return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
 def backend_for(cfg: Config) -> str:
@@ -229,18 +215,15 @@ def _drain(results: Any, *wanted: str) -> Any:
     return found[wanted[0]] if len(wanted) == 1 else [found[kind] for kind in wanted]
 
 
-def launch(cfg: Config, worker: Worker, callbacks: Sequence[Callback], again: Worker | None = None) -> Any:
-    """Run ``worker(env, callbacks)`` as the strategy says and return rank 0's result. Spawned ddp with
-    ``restarts: N``: after a rank dies (not bad input), the group is started again up to N times, running
-    ``again`` (the worker resuming from the newest checkpoint)."""
-    if cfg.strategy != "ddp":
-        return worker(DistEnv(), callbacks)
-    env = DistEnv.from_environ()
-    if env.launched:  # torchrun (or Ray Train) set up the rendezvous; join it
-        return _in_group(cfg, env, worker, callbacks, "env://")
-    world = ddp_world_size(cfg)
-    if world < 1:
-        raise ConfigError(f"devices: ddp needs at least one process, got {cfg.devices!r}")
+def join_group(cfg: Config, env: DistEnv, worker: Worker, callbacks: Sequence[Callback]) -> Any:
+    """torchrun (or Ray Train) set up the rendezvous: join it and run the worker."""
+    return _in_group(cfg, env, worker, callbacks, "env://")
+
+
+def spawn_group(cfg: Config, world: int, worker: Worker, callbacks: Sequence[Callback],
+                again: Worker | None = None) -> Any:
+    """``world`` processes started here; with ``restarts: N``, after a rank dies (not bad input) the group is
+    started again up to N times, running ``again`` (the worker resuming from the newest checkpoint)."""
     for attempt in range(cfg.restarts + 1):
         try:
             return _spawn(cfg, worker if attempt == 0 or again is None else again, callbacks, world)
@@ -251,4 +234,4 @@ def launch(cfg: Config, worker: Worker, callbacks: Sequence[Callback], again: Wo
                   f"(restart {attempt + 1} of {cfg.restarts})", file=sys.stderr, flush=True)
 
 
-__all__ = ["launch", "WorkerFailed", "ddp_world_size", "free_port"]
+__all__ = ["join_group", "spawn_group", "WorkerFailed", "free_port"]

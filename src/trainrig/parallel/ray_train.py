@@ -20,7 +20,7 @@ from trainrig.config import Config
 from trainrig.errors import ConfigError, TrainrigError
 from trainrig.parallel.launch import WorkerFailed
 from trainrig.training.preempt import STOP_FILE, Preempted, on_stop_signals, signal_name, stop_message
-from trainrig.parallel.strategy import group_timeout
+from trainrig.parallel.base import group_timeout
 
 
 def start_ray(address: str | None, object_store_mb: int = 256, *, log_to_driver: bool = False) -> None:
@@ -47,7 +47,7 @@ def _worker_loop(config: dict) -> None:
     """One Ray Train worker: the fit worker in the group Ray set up; rank 0 reports its result."""
     import ray.train
 
-    from trainrig.parallel.launch import launch
+    from trainrig.parallel import launch
 
     try:
         result = launch(config["cfg"], config["worker"], config["callbacks"])
@@ -66,13 +66,21 @@ def _backend(cfg: Config) -> str:
     return cfg.backend if cfg.backend != "auto" else "nccl" if cfg.ray.use_gpu else "gloo"
 
 
+def _check(cfg: Config, callbacks: Sequence[Callback]) -> None:
+    from trainrig.parallel import STRATEGIES, strategy_class
+
+    if not strategy_class(cfg).group:
+        groups = " or ".join(name for name, cls in STRATEGIES.items() if cls.group)
+        raise ConfigError(f"launcher: ray runs a process group ({groups}) on Ray's workers; strategy: "
+                          f"{cfg.strategy} is not one")
+    if any(cb.in_launcher for cb in callbacks):
+        raise ConfigError("launcher: ray: callbacks with in_launcher = True have no launcher process to run in")
+
+
 def fit_on_ray(cfg: Config, worker: Callable, callbacks: Sequence[Callback]) -> dict[str, Any]:
     """Run ``worker`` (resuming its run folder, see module doc) on ``ray.num_workers`` Ray Train workers;
     returns rank 0's report."""
-    if cfg.strategy != "ddp":
-        raise ConfigError(f"launcher: ray runs strategy: ddp on Ray's workers (got strategy: {cfg.strategy})")
-    if any(cb.in_launcher for cb in callbacks):
-        raise ConfigError("launcher: ray: callbacks with in_launcher = True have no launcher process to run in")
+    _check(cfg, callbacks)
     try:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer

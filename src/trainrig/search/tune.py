@@ -71,12 +71,12 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     schedulers can stop it and a restored experiment can resume it."""
     from ray import tune
 
-    from trainrig.parallel.launch import ddp_world_size
+    from trainrig.parallel import strategy_class
     from trainrig.training.loop import fit
 
     trial_dir = _trial_folder()
     cfg = apply_params(config_mod.load(raw=base), params)
-    ranks = ddp_world_size(cfg) if cfg.strategy == "ddp" else 1
+    ranks = strategy_class(cfg).processes(cfg)
     cfg = dataclasses.replace(cfg, out_dir=str(trial_dir), name="fit",
                               eval=dataclasses.replace(cfg.eval, test=False, test_every_epoch=False),  # best only
                               threads=max(1, int(cfg.tune.resources_per_trial.cpu) // ranks),

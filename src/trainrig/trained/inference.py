@@ -20,7 +20,7 @@ from trainrig.config import Config
 from trainrig.data import images
 from trainrig.errors import CheckpointError, ConfigError, DataError
 from trainrig.training.step import eval_logits
-from trainrig.parallel.strategy import default_threads, resolve_device
+from trainrig.parallel.base import default_threads, resolve_device
 
 
 @dataclass

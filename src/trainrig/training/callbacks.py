@@ -240,11 +240,10 @@ class Checkpointing(Callback):
 
     def _save(self, run: Any, epoch: int, *, partial: dict | None = None, best: bool = False) -> None:
         self.last_save = time.monotonic()
+        folder, settings = run.run_dir / "checkpoints", run.cfg.checkpoint
+        run.strategy.save_checkpoint(folder, epoch, run.state, {"config": config_mod.to_dict(run.cfg)}, partial, best)
         if not run.strategy.is_main:
             return
-        folder, settings = run.run_dir / "checkpoints", run.cfg.checkpoint
-        state = {**run.state.state_dict(partial), "config": config_mod.to_dict(run.cfg)}
-        checkpoint.save_step(folder, epoch, run.state.global_step, state, best=best)
         scores = {int(r["epoch"]): choose.score(r, settings.monitor) for r in run.state.history}
         checkpoint.prune(folder, settings.keep_last, settings.save_top_k, scores,
                          maximize=choose.maximize(settings.monitor))

@@ -3,6 +3,12 @@
 A run's ``checkpoints/`` folder holds ``epoch=E-step=S.pt`` files (E: the epoch under way, 1-based; S: optimizer
 steps done), ``last.pt`` (the newest) and ``best.pt`` (the best epoch end): the stable names are hard links
 to a step file, so each save writes its bytes once. Resuming reads the newest readable one.
+
+A sharded checkpoint (a strategy whose ranks each hold part of the weights) is a step file without the
+model and optimizer, naming its ``epoch=E-step=S.dcp/`` folder (``SHARDS``), which holds them as
+``torch.distributed.checkpoint`` wrote them, each rank its shard. The step file is written after every shard,
+so a step file always names a complete folder; ``load`` reads the model from it on one process, at any
+world size.
 """
 from __future__ import annotations
 
@@ -157,6 +163,21 @@ def prune(folder: Path, keep_last: int, top_k: int, scores: dict[int, float], ma
     for _, _, path in files:
         if path not in keep:
             path.unlink(missing_ok=True)
+    _prune_shards(folder)
+
+
+def _prune_shards(folder: Path) -> None:
+    """Delete the shard folders no step file, last.pt or best.pt names any more."""
+    found = [p for p in folder.glob(f"*{SHARDS_SUFFIX}") if p.is_dir()]
+    if not found:
+        return
+    named = {p.with_suffix(SHARDS_SUFFIX).name for _, _, p in step_files(folder)}
+    for link in (folder / "last.pt", folder / "best.pt"):
+        if link.is_file():
+            named.add(str(load(link, mmap=True).get(SHARDS, "")))
+    for path in found:
+        if path.name not in named:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def newest_readable(folder: Path) -> tuple[dict[str, Any], Path, list[str]]:
@@ -186,7 +207,8 @@ def newest_readable(folder: Path) -> tuple[dict[str, Any], Path, list[str]]:
 
 
 def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
-    """``mmap``: map the file instead of reading it, for a look at its small entries (config, epoch)."""
+    """``mmap``: map the file instead of reading it, for a look at its small entries (config, epoch). A sharded
+    checkpoint's model weights are read from its shard folder (one process), except with ``mmap``."""
     path = Path(path)
     if path.is_dir():
         found = next((p for p in (path / "checkpoints" / "best.pt", path / "best.pt") if p.is_file()), None)
@@ -195,6 +217,35 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and state.get(SHARDS) and not mmap:
+        state["model"] = read_sharded(path.parent / state[SHARDS], "model")
+    return state
+
+
+SHARDS = "sharded"  # a step file's key naming its shard folder
+SHARDS_SUFFIX = ".dcp"
+
+
+def shards_folder(path: Path) -> Path:
+    """The shard folder of step file ``path`` (epoch=E-step=S.dcp beside it)."""
+    return path.with_suffix(SHARDS_SUFFIX)
+
+
+def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
+    """The full tensors under ``key`` (e.g. "model") of a torch.distributed.checkpoint folder, on this process
+    alone (``no_dist``: whatever process group exists is not used), shaped from the folder's metadata."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.FileSystemReader(str(folder)).read_metadata()
+        prefix = f"{key}."
+        tensors = {name[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                   for name, m in meta.state_dict_metadata.items()
+                   if name.startswith(prefix) and isinstance(m, dcp.metadata.TensorStorageMetadata)}
+        dcp.load({key: tensors}, checkpoint_id=str(folder), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: not a readable sharded checkpoint ({type(exc).__name__}: {exc})") from None
+    return tensors

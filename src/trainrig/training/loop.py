@@ -27,13 +27,12 @@ from trainrig.training.builtin import builtin
 from trainrig.training.callbacks import Callback, Hooks
 from trainrig.config import Config
 from trainrig.errors import ConfigError
-from trainrig.parallel.launch import launch
 from trainrig.training.plan import claim, main_decides, resume_mode, resumed_how, run_folder
 from trainrig.training.progress import Progress, ProgressMode
 from trainrig.training.runlock import RunLock
 from trainrig.training.state import TrainState
 from trainrig.training.step import Stepper, eval_logits
-from trainrig.parallel.strategy import DistEnv, SingleStrategy, default_threads, make_strategy
+from trainrig.parallel import DistEnv, Strategy, default_threads, launch, make_strategy, strategy_class
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class Run:
 
     cfg: Config
     run_dir: Path
-    strategy: SingleStrategy
+    strategy: Strategy
     model: nn.Module  # unwrapped: its state_dict is what checkpoints hold
     hooks: Hooks
     splits: data.Splits
@@ -205,7 +204,7 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     parts = UserParts(model, train_data, test_data, val_data)
     if cfg.launcher == "ray" and not DistEnv.from_environ().launched:
         return _fit_on_ray(cfg, resume, parts, everything)
-    if cfg.restarts and cfg.strategy == "ddp" and resume_mode(cfg, resume) == "never" \
+    if cfg.restarts and strategy_class(cfg).group and resume_mode(cfg, resume) == "never" \
             and not DistEnv.from_environ().launched:
         # a restarted group must find this run's folder: pick (and create) it here, before the first start
         cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
@@ -300,8 +299,7 @@ def _final_test(run: Run) -> dict | None:
     if not cfg.eval.test or chosen is None:
         return None
     name = "last.pt" if cfg.checkpoint.monitor == "last" else "best.pt"
-    path = run.run_dir / "checkpoints" / name
-    run.model.load_state_dict(strategy.broadcast(checkpoint.load(path)["model"] if strategy.is_main else None))
+    strategy.load_weights(run.model, run.run_dir / "checkpoints" / name)
     net = strategy.net if strategy.net is not None else run.model  # None: resumed after its last epoch
     test = evaluation.evaluate_report(
         net, run.test, cfg.data.classes or [], precision=cfg.precision, tta=cfg.eval.tta,
@@ -334,7 +332,7 @@ def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
     torch.manual_seed(cfg.seed)
     splits = _load_data(cfg, parts, env)
     cfg = data.resolve(cfg, splits)
-    _preflight(cfg, splits)
+    data.check_labels(splits, cfg.model.num_classes)
     model = _build_model(cfg, parts.model)
     if parts.model is not None:  # recorded so that predict/export can rebuild it (if it needs no arguments)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
@@ -367,7 +365,7 @@ def _state(run: Run, resumed: Path | None) -> TrainState:
     if resumed:
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in state.optimizer.param_groups]
         base_lrs = list(state.scheduler.base_lrs)
-        state.load_state_dict(checkpoint.load(resumed))
+        run.strategy.load_checkpoint(state, resumed)
         state.adopt_hyperparameters(fresh, base_lrs)  # a PBT trial's mutated values; else a no-op
     return state
 
@@ -392,13 +390,3 @@ def _build_model(cfg: Config, given: nn.Module | None = None) -> nn.Module:
     if cfg.grad_checkpointing:
         models.enable_grad_checkpointing(model, models.layout_of(model, cfg.model).body)
     return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
-
-
-def _preflight(cfg: Config, splits: data.Splits) -> None:
-    """Checks on the host before the first step: on a GPU these fail later as a device-side assert."""
-    found = [t for t in (getattr(ds, "labels", None) for ds in (splits.train, splits.val, splits.test))
-             if t is not None and t.numel()]
-    labels = torch.cat([t.flatten().long() for t in found]) if found else torch.zeros(0)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.model.num_classes):
-        raise ConfigError(f"labels go up to {int(labels.max())} but model.num_classes={cfg.model.num_classes}: "
-                          f"labels must lie in [0, model.num_classes)")

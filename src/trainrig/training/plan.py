@@ -14,7 +14,7 @@ from trainrig.errors import CheckpointError, ConfigError, TrainrigError
 from trainrig.config.resume import mutated, resume_config
 from trainrig.training.runlock import RunInUse, RunLock
 from trainrig.training.state import TrainState
-from trainrig.parallel.strategy import SingleStrategy
+from trainrig.parallel.base import Strategy
 
 
 def resume_mode(cfg: Config, resume: bool | str) -> str:
@@ -70,7 +70,7 @@ def claim(cfg: Config, mode: str, held: list[RunLock]) -> tuple[Config, Path, Pa
     raise RunInUse(f"{cfg.out_dir}: other runs keep taking the new folders for {cfg.name!r}")
 
 
-def main_decides(strategy: SingleStrategy, decide: Callable[[], Any]) -> Any:
+def main_decides(strategy: Strategy, decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` (e.g. picks the run folder) and every rank gets its result or its error."""
     outcome: Any = None
     if strategy.is_main:

@@ -62,11 +62,15 @@ class TrainState:
 
     def state_dict(self, partial: dict[str, float] | None = None) -> dict[str, Any]:
         """Between epochs, or mid-epoch (``batch`` > 0) with that epoch's running metrics in ``partial``."""
-        position = {"batch": self.batch, "partial": dict(partial)} if self.batch and partial else {"batch": 0}
         weights = {"model": self.model.state_dict()} if self.ema is None else {
             "model": self.ema.tensors, "training_weights": self.model.state_dict(), "ema_updates": self.ema.updates}
-        return {**weights, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+        return {**weights, "optimizer": self.optimizer.state_dict(), **self.progress_dict(partial)}
+
+    def progress_dict(self, partial: dict[str, float] | None = None) -> dict[str, Any]:
+        """Everything but the weights and the optimizer's state: where the run is, its schedule and RNGs (a
+        sharded checkpoint writes the rest as shards)."""
+        position = {"batch": self.batch, "partial": dict(partial)} if self.batch and partial else {"batch": 0}
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "history": list(self.history), "rng": rng_state(),
                 "global_step": self.global_step, **position}
 
@@ -86,6 +90,10 @@ class TrainState:
         if "training_weights" in state:
             self.ema = WeightAverage.restore(self.model, state["model"], state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_progress(state)
+
+    def load_progress(self, state: dict[str, Any]) -> None:
+        """The part ``progress_dict`` wrote."""
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

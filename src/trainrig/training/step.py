@@ -27,7 +27,7 @@ from trainrig.training.memory import free_memory, is_oom, memory_figures
 
 if TYPE_CHECKING:
     from trainrig.training.state import TrainState
-    from trainrig.parallel.strategy import SingleStrategy
+    from trainrig.parallel.base import Strategy
 
 _AMP_DTYPES: dict[str, torch.dtype | None] = {"32": None, "64-true": None, "16-mixed": torch.float16,
                                               "bf16-mixed": torch.bfloat16}
@@ -83,7 +83,7 @@ class _Launched:
 class Stepper:
     """Runs the optimizer steps of an epoch and keeps the committed loss / accuracy sums on the device."""
 
-    def __init__(self, strategy: SingleStrategy, state: TrainState, loss_fn: nn.Module, precision: str, micro: int,
+    def __init__(self, strategy: Strategy, state: TrainState, loss_fn: nn.Module, precision: str, micro: int,
                  log: Callable[[str], None]):
         self.strategy, self.state, self.loss_fn, self.precision = strategy, state, loss_fn, precision
         self.micro, self.log = micro, log
