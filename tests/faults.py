@@ -42,9 +42,9 @@ class SimulateOOM(Callback):
             if self.calls > self.after:
                 check_simulated(args[0].shape[0], self.above)
 
-    def on_fit_start(self, run) -> None:
-        if self.rank in (None, run.strategy.env.rank):
-            run.model.register_forward_pre_hook(self._check)
+    def setup(self, model, strategy) -> None:  # before the batch-size search, which it limits too
+        if self.rank in (None, strategy.env.rank):
+            model.register_forward_pre_hook(self._check)
 
 
 class FailOnRank(Callback):

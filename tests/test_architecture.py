@@ -17,11 +17,18 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """Every trainrig module ``module`` imports, at the top or inside a function (a deferred import hides a
-    cycle, it does not remove it)."""
+    """Every trainrig module ``module`` imports when it runs, at the top or inside a function (a deferred import
+    hides a cycle, it does not remove it), with the subpackages whose ``__init__`` that runs first; imports
+    under ``if TYPE_CHECKING:`` (annotations only, never executed) are not counted."""
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -30,7 +37,8 @@ def _imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-    return {m for m in found if m in known and m != module}
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(2, m.count(".") + 1)}
+    return {m for m in found | parents if m in known and m != module and not module.startswith(m + ".")}
 
 
 def test_no_import_cycles():

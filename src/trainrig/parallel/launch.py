@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainrig.training.callbacks import Callback, RunInfo
+from trainrig.training.run import Callback, RunInfo
 from trainrig.config import Config
 from trainrig.errors import RunFailed, TrainrigError
 from trainrig.training.preempt import Preempted, on_stop_signals, signal_name

@@ -1,8 +1,8 @@
 """Exponential moving average of the weights (``model.ema``), timm's ModelEma / Lightning's WeightAveraging.
 
 The average is a copy of the model's ``state_dict`` (parameters and BatchNorm buffers). It lives in the
-TrainState, so checkpoints save it and a resumed run continues it exactly; the ``WeightAveraging`` callback
-(callbacks.py) starts it, updates it after optimizer steps and swaps it into the model for evaluation.
+TrainState, so checkpoints save it and a resumed run continues it exactly; the loop (averaging.py) starts it,
+updates it after optimizer steps and swaps it into the model for evaluation.
 A checkpoint of a run with an average holds it as ``model`` (what eval, predict, export and warm starts
 read) and the weights under training as ``training_weights``.
 """

@@ -1,16 +1,16 @@
 """The training loop: ``fit(cfg)`` is the one entry point for the CLI, tuning, tests and notebooks.
 
-``fit`` launches the strategy's processes (launch.py); each runs ``_fit_worker``, which reads top to
-bottom: set up the run, then per epoch train, evaluate and hand the row to the callbacks. Everything
-optional (progress, curves.png, checkpoints, loggers, Tune reporting, the user's) is a callback.
+``fit`` asks the strategy to launch its processes (parallel/); each runs ``_fit_worker``, which reads top to
+bottom: build the run (setup.py: plan, data, model, state), then per epoch train (the optimizer steps, the
+weight average and mid-epoch checkpoints after each), evaluate on validation, save the epoch's checkpoint and
+hand the row to the callbacks; at the end the chosen checkpoint is tested once. Callbacks are observers only
+(progress, curves.png, loggers, Tune reporting, the user's).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +19,20 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from trainrig.training import callbacks as cb, checkpoint, choose, evaluation, memory
-from trainrig import config as config_mod, data, models
-from trainrig.tracking import report
-from trainrig.training.batch_size import auto_batch_size
-from trainrig.training.builtin import builtin
-from trainrig.training.callbacks import Callback, Hooks
+from trainrig import config as config_mod, models
 from trainrig.config import Config
 from trainrig.errors import ConfigError
-from trainrig.training.plan import claim, main_decides, resume_mode, resumed_how, run_folder
+from trainrig.parallel import DistEnv, launch, strategy_class
+from trainrig.training import callbacks as cb, checkpoint, choose, evaluation, memory
+from trainrig.training.averaging import Averaging
+from trainrig.training.builtin import builtin
+from trainrig.training.checkpointing import Saver
+from trainrig.training.plan import Resume, pin, resume_request
 from trainrig.training.progress import Progress, ProgressMode
+from trainrig.training.run import Callback, Run
 from trainrig.training.runlock import RunLock
-from trainrig.training.state import TrainState
-from trainrig.training.step import Stepper, eval_logits
-from trainrig.parallel import DistEnv, Strategy, default_threads, launch, make_strategy, strategy_class
+from trainrig.training.setup import UserParts, build_run
+from trainrig.training.step import eval_logits
 
 
 @dataclass(frozen=True)
@@ -54,29 +54,6 @@ class FitResult:
     stopped_early: int | None = None  # the epoch early_stopping ended the run after
 
 
-@dataclass
-class Run:
-    """What callbacks see of a run in a worker process."""
-
-    cfg: Config
-    run_dir: Path
-    strategy: Strategy
-    model: nn.Module  # unwrapped: its state_dict is what checkpoints hold
-    hooks: Hooks
-    splits: data.Splits
-    state: TrainState | None = None
-    train: Any = None  # this rank's training batches
-    val: Any = None  # None without a validation split
-    test: Any = None
-    trainable: tuple[str, ...] | None = None  # backbone stages the wrapped model trains
-    layout: models.Layout | None = None  # new layers and backbone stages of the model
-    stepper: Stepper | None = None  # the optimizer steps (running_totals: the epoch so far)
-    stopping: BaseException | None = None  # set by a callback (a preemption checkpoint written): end the run
-
-    def log(self, text: str) -> None:
-        self.hooks.on_message(self, text)
-
-
 # ----------------------------------------------------------------------------- epochs
 
 def _local(values: Sequence[float]) -> list[float]:
@@ -90,19 +67,30 @@ def _totals(reduce: Callable[[Sequence[float]], list[float]], loss_sum: Any, cor
     return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
 
 
-def train_epoch(run: Run, batches: Iterable, stepper: Stepper, first: int = 0) -> dict[str, float]:
-    """One pass over the training batches (from batch ``first`` when resumed mid-epoch); floats come out at
-    the end (summed over ranks, with the part of the epoch trained before the resume)."""
+@dataclass
+class Core:
+    """What the loop calls besides the callbacks: the weight average and the checkpoints."""
+
+    average: Averaging
+    saver: Saver
+
+
+def train_epoch(run: Run, core: Core, first: int = 0) -> dict[str, float]:
+    """One pass over the training batches (from batch ``first`` when resumed mid-epoch): after each optimizer
+    step the weight average, a mid-epoch checkpoint when due (or asked for by a stop signal), the callbacks.
+    Floats come out at the end (summed over ranks, with the part of the epoch trained before the resume)."""
     start, state = time.perf_counter(), run.state
     before = int(state.partial["seen"]) if first and state.partial else 0
-    for step, (x, y) in enumerate(batches, first + 1):
-        loss = stepper.step(x, y)
+    for step, (x, y) in enumerate(run.train, first + 1):
+        loss = run.stepper.step(x, y)
         state.batch, state.global_step = step, state.global_step + 1
-        if loss is not None:
+        if loss is not None:  # None: the step's update is settled with the next one (step.py)
+            core.average.after_step(run)
+            core.saver.after_step(run, step)
             run.hooks.on_train_batch_end(run, step, loss)
         if run.stopping is not None:
             raise run.stopping
-    loss, acc, seen = _totals(run.strategy.reduce, *stepper.finish())
+    loss, acc, seen = _totals(run.strategy.reduce, *run.stepper.finish())
     elapsed = time.perf_counter() - start  # _totals waited for the device
     return {"train_loss": loss, "train_acc": acc, "images_per_s": (seen - before) / max(elapsed, 1e-9)}
 
@@ -133,7 +121,7 @@ def evaluate(model: nn.Module, batches: Iterable, reduce: Callable[[Sequence[flo
 
 def _evaluate_epoch(run: Run) -> dict[str, float]:
     """The validation pass (every choice reads it) and, with eval.test_every_epoch, the test pass (a curve
-    only), between the evaluation hooks (the weight average swaps itself in there)."""
+    only), between the evaluation hooks."""
     cfg = run.cfg
     passes = [("val", run.val)] * (run.val is not None) + [("test", run.test)] * cfg.eval.test_every_epoch
     row: dict[str, float] = {}
@@ -148,40 +136,32 @@ def _evaluate_epoch(run: Run) -> dict[str, float]:
     return row
 
 
-def _epoch(run: Run, epoch: int, stepper: Stepper) -> dict[str, float]:
-    """Unfreeze what this epoch trains, train, synchronise BatchNorm statistics, evaluate on validation."""
-    started, cfg = time.perf_counter(), run.cfg
+def _epoch(run: Run, core: Core, epoch: int) -> dict[str, float]:
+    """Unfreeze what this epoch trains, train, synchronise BatchNorm statistics, evaluate on validation (with
+    the weight average's weights once it started)."""
+    started, cfg, state = time.perf_counter(), run.cfg, run.state
     run.model.train()
     stages = models.unfrozen_stages(run.layout.stage_names, cfg.model.finetune, epoch, cfg.model.unfreeze_every)
-    models.apply_unfrozen(run.model, run.layout, stages)
+    models.apply_unfrozen(run.model, run.layout, stages)  # after train(): frozen BatchNorm back in eval mode
     if stages != run.trainable:  # DDP registers the trainable parameters when it wraps
         run.trainable = stages
         run.strategy.wrap(run.model)
-    first = run.state.batch  # > 0: resumed mid-epoch from a checkpoint
+    first = state.batch  # > 0: resumed mid-epoch from a checkpoint
     run.train.set_epoch(epoch, first)
+    core.average.epoch_start(run, epoch + 1)
     run.hooks.on_epoch_start(run, epoch + 1, len(run.train))
-    stepper.epoch_lr = run.state.partial["lr"] if first and run.state.partial else \
-        run.state.optimizer.param_groups[0]["lr"]
-    row: dict[str, float] = {"epoch": epoch + 1, "lr": stepper.epoch_lr}
+    run.stepper.epoch_lr = state.partial["lr"] if first and state.partial else state.optimizer.param_groups[0]["lr"]
+    row: dict[str, float] = {"epoch": epoch + 1, "lr": run.stepper.epoch_lr}
     with memory.explain_cuda_errors():
-        row.update(train_epoch(run, run.train, stepper, first))
+        row.update(train_epoch(run, core, first))
         run.strategy.sync_buffers(run.model)
-        row.update(_evaluate_epoch(run))
+        with core.average.swapped(run):
+            row.update(_evaluate_epoch(run))
     row["seconds"] = time.perf_counter() - started
     return row
 
 
 # ----------------------------------------------------------------------------- fit
-
-@dataclass(frozen=True)
-class UserParts:
-    """The caller's own network and datasets (``fit(cfg, model=..., train_data=..., test_data=...)``)."""
-
-    model: nn.Module | None = None
-    train_data: Any = None
-    test_data: Any = None
-    val_data: Any = None
-
 
 def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, test_data: Any = None,
         val_data: Any = None, resume: bool | str = False, progress: ProgressMode | Progress = "auto",
@@ -195,25 +175,23 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     (map-style Datasets of (image, label), or DataLoaders over them) replace data.name; ``val_data`` is the
     validation set every choice reads (default: data.val_fraction held out of ``train_data``). Under spawned DDP
     they are pickled into every process: define their classes in an importable module, not in __main__.
-    The built-in callbacks (progress, curves.png, checkpoints, loggers) run first, then those named in
+    The built-in callbacks (the stall watchdog, progress, curves.png, loggers) run first, then those named in
     ``cfg.callbacks``, then ``callbacks``. Returns rank 0's result (None on other ranks under torchrun).
     """
     if (train_data is None) != (test_data is None) or (val_data is not None and train_data is None):
         raise ConfigError("fit: give both train_data and test_data (and val_data if you like), or neither")
     everything = [*builtin(cfg, progress), *cb.from_specs(cfg.callbacks), *callbacks]
-    parts = UserParts(model, train_data, test_data, val_data)
+    parts, request = UserParts(model, train_data, test_data, val_data), resume_request(cfg, resume)
     if cfg.launcher == "ray" and not DistEnv.from_environ().launched:
-        return _fit_on_ray(cfg, resume, parts, everything)
-    if cfg.restarts and strategy_class(cfg).group and resume_mode(cfg, resume) == "never" \
-            and not DistEnv.from_environ().launched:
-        # a restarted group must find this run's folder: pick (and create) it here, before the first start
-        cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
-    return launch(cfg, functools.partial(_fit_worker, cfg, resume, parts), everything,
+        return _fit_on_ray(cfg, request, parts, everything)
+    if cfg.restarts and strategy_class(cfg).group and not DistEnv.from_environ().launched:
+        cfg, request = pin(cfg, request)  # a restarted group must find this run's folder
+    return launch(cfg, functools.partial(_fit_worker, cfg, request, parts), everything,
                   again=functools.partial(_fit_worker, cfg, "auto", parts))
 
 
-def _fit_on_ray(cfg: Config, resume: bool | str, parts: UserParts, callbacks: Sequence[Callback]) -> FitResult:
-    """launcher: ray (ray_launch.py). The run folder is picked here, with absolute paths (Ray's workers run
+def _fit_on_ray(cfg: Config, resume: Resume, parts: UserParts, callbacks: Sequence[Callback]) -> FitResult:
+    """launcher: ray (ray_train.py). The run folder is pinned here, with absolute paths (Ray's workers run
     elsewhere), and every start of the worker group resumes it: a restarted group goes on from its newest
     checkpoint. The result is read back from the run folder's last checkpoint."""
     from trainrig.parallel.ray_train import fit_on_ray
@@ -222,10 +200,7 @@ def _fit_on_ray(cfg: Config, resume: bool | str, parts: UserParts, callbacks: Se
     root = Path(cfg.data.root)
     cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()), data=dataclasses.replace(
         cfg.data, root=str(root.resolve()) if root.exists() else cfg.data.root))
-    if resume_mode(cfg, resume) == "never":
-        cfg = dataclasses.replace(cfg, name=report.new_run_dir(cfg.out_dir, cfg.name).name)
-    elif resume is True:
-        run_folder(cfg, "strict")  # the checkpoint must exist and the recipe must match: say so before Ray starts
+    cfg, _ = pin(cfg, resume)
     reported = fit_on_ray(cfg, functools.partial(_fit_worker, cfg, "auto", parts), callbacks)
     run_dir = Path(cfg.out_dir) / cfg.name
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt", mmap=True)
@@ -243,52 +218,60 @@ def _result(cfg: Config, run_dir: Path, history: list[dict], test: dict | None, 
                      choose.stop_epoch(history, cfg.early_stopping))
 
 
-def _fit_worker(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
+def _fit_worker(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv,
                 callbacks: Sequence[Callback]) -> FitResult | None:
     held: list[RunLock] = []  # rank 0's lock on the run folder, released however the run ends
     try:
-        return _train(cfg, resume, parts, env, callbacks, held)
+        started = time.perf_counter()
+        run = build_run(cfg, resume, parts, env, callbacks, held)
+        test, checksums = _train(run)
+        if not env.is_main:
+            return None
+        return _result(run.cfg, run.run_dir, list(run.state.history), test, time.perf_counter() - started,
+                       checksums)
     finally:
         for lock in held:
             lock.release()
 
 
-def _train(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv, callbacks: Sequence[Callback],
-           held: list[RunLock]) -> FitResult | None:
-    started = time.perf_counter()
-    run = _setup(cfg, resume, parts, env, callbacks, held)
-    state, strategy = run.state, run.strategy
-    run.stepper = stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing),
-                                    run.cfg.precision, run.train.batch_size, run.log)
-    stepper.restore(state.partial, env.is_main)
+def _train(run: Run) -> tuple[dict | None, list[float]]:
+    """The epochs (each: train, evaluate, checkpoint, callbacks), then the final test; the test report and
+    every rank's parameter checksum."""
+    state, core = run.state, Core(Averaging(run.cfg.model.ema), Saver())
+    core.saver.start(run)
     try:
         for epoch in range(state.epoch, run.cfg.epochs):
             if choose.stop_epoch(state.history, run.cfg.early_stopping) is not None:
                 break  # checked first: a run resumed at the epoch it stopped stops there again
-            row = _epoch(run, epoch, stepper)
+            row = _epoch(run, core, epoch)
             state.epoch, state.batch, state.partial = epoch + 1, 0, None
             state.history.append(row)
+            core.saver.after_epoch(run, row)
             run.hooks.on_epoch_end(run, row)
             if run.stopping is not None:
                 raise run.stopping
     except BaseException as exc:
+        core.saver.close()
         run.hooks.on_exception(run, exc)
         raise
-    stopped = choose.stop_epoch(state.history, run.cfg.early_stopping)
-    if stopped is not None:
-        es = run.cfg.early_stopping
-        run.log(f"early stopping: {es.monitor} did not improve by more than {es.min_delta} for {es.patience} "
-                f"epochs; stopped after epoch {stopped} of {run.cfg.epochs}")
-    checksums = strategy.checksums(run.model)  # DDP ranks must end with the same weights
+    core.saver.close()
+    _say_if_stopped_early(run)
+    checksums = run.strategy.checksums(run.model)  # data-parallel ranks must end with the same weights
     if len(set(checksums)) > 1:
         raise RuntimeError(f"parameters diverged across ranks: checksums {checksums}")
     test = _final_test(run)
     if test is not None:
         run.hooks.on_test_end(run, test)
     run.hooks.on_fit_end(run)
-    if not env.is_main:
-        return None
-    return _result(run.cfg, run.run_dir, list(state.history), test, time.perf_counter() - started, checksums)
+    return test, checksums
+
+
+def _say_if_stopped_early(run: Run) -> None:
+    stopped = choose.stop_epoch(run.state.history, run.cfg.early_stopping)
+    if stopped is not None:
+        es = run.cfg.early_stopping
+        run.log(f"early stopping: {es.monitor} did not improve by more than {es.min_delta} for {es.patience} "
+                f"epochs; stopped after epoch {stopped} of {run.cfg.epochs}")
 
 
 def _final_test(run: Run) -> dict | None:
@@ -300,9 +283,8 @@ def _final_test(run: Run) -> dict | None:
         return None
     name = "last.pt" if cfg.checkpoint.monitor == "last" else "best.pt"
     strategy.load_weights(run.model, run.run_dir / "checkpoints" / name)
-    net = strategy.net if strategy.net is not None else run.model  # None: resumed after its last epoch
     test = evaluation.evaluate_report(
-        net, run.test, cfg.data.classes or [], precision=cfg.precision, tta=cfg.eval.tta,
+        strategy.net, run.test, cfg.data.classes or [], precision=cfg.precision, tta=cfg.eval.tta,
         mistakes=cfg.eval.mistakes, bins=cfg.eval.calibration_bins, world=strategy.env.world_size,
         gather=strategy.gather, on_batch=functools.partial(run.hooks.on_evaluate_batch_end, run))
     test = {"split": "test", "checkpoint": name, "epoch": int(chosen["epoch"]), "monitor": cfg.checkpoint.monitor,
@@ -312,81 +294,3 @@ def _final_test(run: Run) -> dict | None:
         run.log(f"test (once, on {name}, epoch {test['epoch']}): accuracy {100 * test['accuracy']:.2f}%, loss "
                 f"{test['loss']:.4f}, macro-F1 {test['macro_f1']:.4f}; {run.run_dir / 'report.html'}")
     return test
-
-
-def _dtype(cfg: Config) -> torch.dtype:
-    return torch.float64 if cfg.precision == "64-true" else torch.float32
-
-
-def _setup(cfg: Config, resume: bool | str, parts: UserParts, env: DistEnv,
-           callbacks: Sequence[Callback], held: list[RunLock]) -> Run:
-    """Strategy, run folder (rank 0 decides and locks it), data, model, batches, TrainState (restored with
-    ``resume``)."""
-    strategy = make_strategy(cfg, env)
-    torch.set_num_threads(default_threads(cfg, env.local_world_size))
-    if strategy.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    mode = resume_mode(cfg, resume)
-    cfg, run_dir, resumed, warnings = main_decides(strategy, lambda: claim(cfg, mode, held))
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    splits = _load_data(cfg, parts, env)
-    cfg = data.resolve(cfg, splits)
-    data.check_labels(splits, cfg.model.num_classes)
-    model = _build_model(cfg, parts.model)
-    if parts.model is not None:  # recorded so that predict/export can rebuild it (if it needs no arguments)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, class_path=f"{type(parts.model).__module__}.{type(parts.model).__qualname__}"))
-    run = Run(cfg, run_dir, strategy, strategy.setup(model), Hooks(callbacks, env.is_main), splits,
-              layout=models.layout_of(model, cfg.model))
-    run.hooks.on_fit_start(run)
-    run.log(f"data: {splits.description}")  # the run's first line: which data path was taken
-    if cfg.data.batch_size == "auto":
-        run.cfg = cfg = auto_batch_size(run, _dtype(cfg))
-    run.train, run.val, run.test, _ = data.build(
-        cfg.data, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
-        channels_last=cfg.model.channels_last, dtype=_dtype(cfg), splits=splits, local_world=env.local_world_size)
-    run.state = _state(run, resumed)
-    if env.is_main:
-        checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarted and mode == "never":
-        warnings.append(f"warning: torchrun restart {restarted} without --resume auto: this attempt starts over "
-                        f"in a new folder")
-    for line in warnings:
-        run.log(line)
-    run.log(f"run folder: {run_dir}{resumed_how(run.state, resumed, mode)}  strategy: {strategy.describe()}")
-    return run
-
-
-def _state(run: Run, resumed: Path | None) -> TrainState:
-    """A fresh TrainState, or the one in ``resumed`` with this config's optimizer hyperparameters (PBT)."""
-    state = TrainState.create(run.cfg, run.model, len(run.train), run.strategy.device.type, run.layout)
-    if resumed:
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in state.optimizer.param_groups]
-        base_lrs = list(state.scheduler.base_lrs)
-        run.strategy.load_checkpoint(state, resumed)
-        state.adopt_hyperparameters(fresh, base_lrs)  # a PBT trial's mutated values; else a no-op
-    return state
-
-
-def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
-    source = data.user_source(parts.train_data, parts.test_data, parts.val_data) \
-        if parts.train_data is not None else None
-    splits = data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels, local_world=env.local_world_size,
-                              pretrained=cfg.model.weights == "imagenet" and parts.model is None, source=source)
-    missing = config_mod.needs_validation(cfg) if splits.val is None else []
-    if missing:
-        raise ConfigError(f"{missing[0]} needs a validation split, and {splits.description.split(':')[0]} has none "
-                          f"(data.val_fraction is 0)")
-    return splits
-
-
-def _build_model(cfg: Config, given: nn.Module | None = None) -> nn.Module:
-    model = given if given is not None else models.build_model(cfg.model, seed=cfg.seed)
-    if given is not None or cfg.model.class_path:
-        models.check_output(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes)
-    model = model.to(_dtype(cfg))
-    if cfg.grad_checkpointing:
-        models.enable_grad_checkpointing(model, models.layout_of(model, cfg.model).body)
-    return model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
