@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainrig.training import choose
+from trainrig.training import checkpoint, choose
 from trainrig import config as config_mod
 from trainrig.training.callbacks import Callback
 from trainrig.config import Config
@@ -54,14 +54,10 @@ class TuneReport(Callback):
 
         metrics = {key: row[key] for key in REPORTED if key in row}
         metrics["epoch"] = row["epoch"]
-        last = run.run_dir / "checkpoints" / "last.pt"
-        # Ray copies the reported folder into the trial's checkpoint_N; a hard link hands it last.pt without
-        # writing it once more (safe: the next save replaces last.pt by rename, never in place)
+        # Ray copies the reported folder into the trial's checkpoint_N; hard links hand it last.pt (and the shard
+        # folder of a sharded run) without writing them once more
         with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".report-") as tmp:
-            try:
-                os.link(last, Path(tmp) / "last.pt")
-            except OSError:  # a file system without hard links
-                shutil.copyfile(last, Path(tmp) / "last.pt")
+            checkpoint.copy_to(run.run_dir / "checkpoints" / "last.pt", Path(tmp))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -87,8 +83,7 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     if restored is not None:  # Ray's reported checkpoint is the trial's truth: later local saves go
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         with restored.as_directory() as folder:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(folder) / "last.pt", run_dir / "checkpoints" / "last.pt")
+            checkpoint.copy_to(Path(folder) / "last.pt", run_dir / "checkpoints")
     elif run_dir.exists():
         # Ray restarts this trial from scratch (interrupted before its first reported epoch): the
         # folder of that attempt holds nothing Ray kept, so it is replaced rather than left beside a fit-2

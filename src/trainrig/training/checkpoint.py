@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,29 @@ def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
         tensors = {name[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
                    for name, m in meta.state_dict_metadata.items()
                    if name.startswith(prefix) and isinstance(m, dcp.metadata.TensorStorageMetadata)}
-        dcp.load({key: tensors}, checkpoint_id=str(folder), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({key: tensors}, checkpoint_id=str(folder), no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"{folder}: not a readable sharded checkpoint ({type(exc).__name__}: {exc})") from None
     return tensors
+
+
+def copy_to(path: Path, folder: Path, name: str = "last.pt") -> Path:
+    """Checkpoint ``path`` into ``folder`` as ``name``, with the shard folder it names: how a checkpoint leaves
+    its run folder (a Tune report) and comes back (a restored trial). Hard links where the file system allows
+    (checkpoint files are replaced by rename, never written in place), else copies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    _link_or_copy(path, target)
+    shards = load(path, mmap=True).get(SHARDS)
+    if shards:
+        shutil.copytree(path.parent / shards, folder / shards, copy_function=_link_or_copy, dirs_exist_ok=True)
+    return target
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links, or another device
+        shutil.copyfile(source, target)
