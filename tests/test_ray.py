@@ -1,4 +1,5 @@
-"""launcher: ray - a DDP fit as Ray Train workers on a real local Ray cluster (`ray start --head`, 2 CPUs)."""
+"""launcher: ray - DDP and FSDP fits as Ray Train workers on a real local Ray cluster (`ray start --head`, 2 CPUs,
+one for the module's tests)."""
 import os
 import signal
 import subprocess
@@ -17,14 +18,14 @@ DDP = ["strategy=ddp", "devices=2", "threads=1", "data.synthetic_train=128", "da
        "data.batch_size=32", "data.flip=true", "epochs=2", "checkpoint.every_n_steps=2"]
 
 
-@pytest.fixture
-def ray_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
     """A head node of 2 CPUs, as `ray start --head` makes one, on its own port (a Ray another test runs at
     the same time must not be found instead): its address. Ended as a process group, not by `ray stop`,
     which would end every Ray on the machine."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster
     address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "ray-start.log"
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              "--port", address.split(":")[1], "--num-cpus", "2",
                              "--include-dashboard", "false", "--disable-usage-stats"],
@@ -69,3 +70,25 @@ def test_ray_workers_train_like_spawned_ddp_and_survive_a_killed_worker(tiny_cfg
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
     assert "test accuracy of its checkpoint" in proc.stdout  # the driver renders rank 0's result as a local run does
+
+
+def test_ray_workers_train_fsdp_like_spawned_fsdp(tiny_cfg, tmp_path, ray_cluster):
+    """strategy: fsdp on Ray Train's workers: every worker writes its shard of each checkpoint, and the run ends
+    with the weights and metrics of spawned FSDP."""
+    fsdp = [*DDP, "strategy=fsdp", "epochs=1", "checkpoint.every_n_steps=null"]
+    spawned = trainrig.fit(tiny_cfg(*fsdp, "name=spawned"), progress="off")
+    env, address, ready = ray_cluster
+    ready()
+    config = tmp_path / "ray.yaml"
+    config.write_text(trainrig.config.dump(tiny_cfg(*fsdp, "name=onray", "launcher=ray", f"ray.address={address}",
+                                                    "ray.num_workers=2")))
+    proc = subprocess.run([sys.executable, "-m", "trainrig", "fit", "-c", str(config)], capture_output=True,
+                          text=True, timeout=400, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run = spawned.run_dir.parent / "onray"
+    a = checkpoint.load(spawned.run_dir / "checkpoints" / "last.pt")
+    b = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert b[checkpoint.SHARDS] and len(list((run / "checkpoints" / b[checkpoint.SHARDS]).glob("*.distcp"))) == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]

@@ -9,6 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 import trainrig
+from trainrig.training import checkpoint
 from trainrig.search import tune
 from trainrig.cli import app
 from trainrig.errors import ConfigError
@@ -117,6 +118,22 @@ def test_trials_with_strategy_ddp_run_as_ddp_groups(tmp_path, monkeypatch):
         assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 2
         assert list(trial.glob("checkpoint_*/last.pt")), "Ray kept no checkpoint of the trial"
         assert ran["devices"] == 2
+
+
+def test_trials_with_strategy_fsdp_run_sharded(tmp_path):
+    """A trial that is a 2-rank FSDP group: Ray keeps its sharded checkpoint (the step file and its shard
+    folder), and the best trial's shards are read once, on one process, for the search's test figure."""
+    cfg = tune_cfg(tmp_path, "strategy=fsdp", "devices=2", "epochs=1", "tune.searcher=random", "tune.num_samples=1",
+                   "tune.resources_per_trial.cpu=2", "tune.search_space={optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}")
+    result = tune.run(cfg, verbose=False)
+    rows = list(csv.DictReader(open(result.experiment_dir / "trials.csv")))
+    assert len(rows) == 1 and rows[0]["stop_reason"] == "completed" and float(rows[0]["test_acc"]) >= 0
+    trial = next(result.experiment_dir.glob("_trial_*"))
+    assert yaml.safe_load((trial / "fit" / "config.yaml").read_text())["strategy"] == "fsdp"
+    kept = next(trial.glob("checkpoint_*/last.pt"))
+    shards = kept.parent / checkpoint.load(kept, mmap=True)[checkpoint.SHARDS]
+    assert len(list(shards.glob("*.distcp"))) == 2
+    assert result.best_metrics["test_acc"] == float(rows[0]["test_acc"])
 
 
 def test_refuses_to_overwrite_and_needs_experiment_for_resume(tmp_path):

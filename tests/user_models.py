@@ -34,3 +34,18 @@ class Pairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i].unsqueeze(0), self.targets[i]
+
+
+class NoNormNet(nn.Module):
+    """TinyNet without BatchNorm: its training step does not depend on how the global batch is split over
+    ranks (BatchNorm normalises over each rank's share), so runs at different world sizes compute the same."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -17,7 +17,9 @@ import yaml
 
 from trainrig.config.convert import convert as _convert, load_yaml
 from trainrig.errors import ConfigError
-from trainrig.config.settings import (REFUSED, CheckpointConfig, EarlyStopping, EvalConfig, MLflowSettings, RaySettings, TuneSettings, WandbSettings, needs_validation, opt, upgrade)
+from trainrig.config.settings import (REFUSED, CheckpointConfig, EarlyStopping, EvalConfig, FSDPSettings,
+                                      MLflowSettings, RaySettings, TuneSettings, WandbSettings, needs_validation,
+                                      opt, upgrade)
 
 
 @dataclass(frozen=True)
@@ -156,17 +158,18 @@ class Config:
         False, "Recompute each backbone block's activations in backward instead of storing them: less memory, "
         "more time.")
     launcher: Literal["local", "ray"] = opt(
-        "local", "local: processes on this machine (spawned here, or torchrun's); ray: strategy ddp as Ray Train "
+        "local", "local: processes on this machine (spawned here, or torchrun's); ray: strategy ddp or fsdp as Ray Train "
         "workers on a Ray cluster (ray.*; out_dir and data.root must then be folders every node sees).")
-    strategy: Literal["single", "dp", "ddp", "model_parallel"] = opt(
-        "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | model_parallel "
-        "(stages; torchvision ResNets).")
+    strategy: Literal["single", "dp", "ddp", "fsdp", "model_parallel"] = opt(
+        "single", "single device | dp (nn.DataParallel) | ddp (DistributedDataParallel) | fsdp (FSDP2: "
+        "parameters, gradients and optimizer state sharded over the ranks) | model_parallel (stages; "
+        "torchvision ResNets).")
     devices: Union[int, Literal["auto"], list[str]] = opt(
-        "auto", "auto | N | [list]. ddp: processes (auto = every local GPU, else 2 CPU processes); dp: GPUs; "
+        "auto", "auto | N | [list]. ddp, fsdp: processes (auto = every local GPU, else 2 CPU processes); dp: GPUs; "
         "model_parallel: one device per stage, e.g. [cuda:0, cuda:1] or [cpu, cpu].")
-    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "ddp process-group backend; auto = nccl on CUDA, gloo on CPU.")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "ddp / fsdp process-group backend; auto = nccl on CUDA, gloo on CPU.")
     restarts: int = opt(
-        0, "ddp spawned by trainer: times the whole group is restarted from the newest checkpoint after a rank "
+        0, "ddp / fsdp spawned by trainer: times the whole group is restarted from the newest checkpoint after a rank "
         "dies (under torchrun use --max-restarts and --resume auto instead).", min=0)
     dist_timeout_s: float = opt(
         300.0, "The watchdog: a process that makes no progress (no training step, evaluation batch or epoch "
@@ -177,6 +180,7 @@ class Config:
     split_size: Union[int, None] = opt(
         None, "model_parallel: micro-batch size for pipelining (stage k runs micro-batch i while k-1 runs i+1); "
         "null = no pipelining.", min=1)
+    fsdp: FSDPSettings = opt(FSDPSettings(), "strategy: fsdp - how the shards are kept.")
     data: DataConfig = opt(DataConfig(), "Dataset and batching.")
     eval: EvalConfig = opt(EvalConfig(), "How the validation and test sets (and predict's images) are evaluated.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "When checkpoints are written and which are kept.")

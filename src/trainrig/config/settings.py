@@ -139,6 +139,16 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
+class FSDPSettings:
+    reshard_after_forward: bool = opt(
+        True, "Free each block's gathered parameters after its forward (gathered again for backward): least "
+        "memory; false keeps them until backward (one all-gather fewer per block).")
+    cpu_offload: bool = opt(
+        False, "Keep the parameter, gradient and optimizer-state shards in CPU memory (the optimizer steps on "
+        "the CPU): for models whose shards alone do not fit the GPU.")
+
+
+@dataclass(frozen=True)
 class MLflowSettings:
     tracking_uri: Union[str, None] = opt(
         None, "Where runs are logged: a folder, sqlite:///mlflow.db, http://host:5000 ...; null = the file store "

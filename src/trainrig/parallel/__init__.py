@@ -11,12 +11,14 @@ from typing import Any, Sequence
 from trainrig.config import Config
 from trainrig.parallel.base import DistEnv, Strategy, Worker, default_threads, resolve_device
 from trainrig.parallel.ddp import DDPStrategy
+from trainrig.parallel.fsdp import FSDPStrategy
 from trainrig.parallel.local import DataParallelStrategy, ModelParallelStrategy, SingleStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "single": SingleStrategy,
     "dp": DataParallelStrategy,
     "ddp": DDPStrategy,
+    "fsdp": FSDPStrategy,
     "model_parallel": ModelParallelStrategy,
 }
 
