@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU machine (the device tool), under 8 minutes:
+# One prepared command for a lent GPU machine (the device tool), under 10 minutes:
 #   1. the gpu-marked tests: GPU == CPU in float64, nccl DDP on 2 GPUs (skipped on 1), model parallel on
 #      cuda:0,cuda:0 == [cpu, cpu], real CUDA OOM recovery,
 #      16-mixed and bf16-mixed (with EMA and flip TTA), the DDP OOM agreement on CUDA;
 #   2. images/s at batch 128: the source notes' loop (DataLoader + ToTensor) vs trainrig (batches on the GPU);
-#   3. the fast recipe's time to 91.5% test accuracy (configs/fashion_resnet18_fast.yaml, seed 0).
+#   3. the fast recipe's time to 91.5% test accuracy (configs/fashion_resnet18_fast.yaml, seed 0);
+#   4. FSDP vs DDP per-rank memory (parameters + gradients + optimizer state, CUDA peak) and throughput for
+#      ResNet50 and ViT-B/16 at 1, 2 (and 4) GPUs (benchmarks/fsdp_memory.py).
 # The device machine has python3 with torch, torchvision, typer, rich, pyyaml, pytest but no internet and no
 # FashionMNIST: copy the four files into ./data (ignored by git) and carry it:
 #   mkdir -p data && cp /usr/share/datasets/fashion-mnist/* data/
@@ -28,5 +30,7 @@ LOG="${OUT:-/tmp}/gpu_check.md"
   echo "--- time to 91.5% (fast recipe, seed 0)"
   timeout 120 $PY benchmarks/time_to_accuracy.py --seeds 0 --targets 91.5 92.5 --set data.root=data \
     --set threads=8 2>&1 | tail -n 8
+  echo "--- FSDP vs DDP memory per rank and throughput"
+  timeout 150 $PY benchmarks/fsdp_memory.py --batch 32 --steps 5 2>&1 | grep -v '^\[{' | tail -n 14
   echo '```'
 } 2>&1 | tee "$LOG"
