@@ -2,7 +2,8 @@
 
 ``run(cfg)`` starts (or joins) Ray, runs the search with the configured searcher and scheduler, and
 writes into the experiment folder ``<storage_path>/<name>/``: ``best.yaml`` (a complete fit config),
-``trials.csv`` (one row per trial) and ``trials.png`` (each trial's metric per epoch): tune_results.py.
+``trials.csv`` (one row per trial) and ``trials.png`` (each trial's metric per epoch): results.py. The
+search space is checked and converted in space.py.
 """
 from __future__ import annotations
 
