@@ -124,6 +124,17 @@ class OptimConfig:
     momentum: float = opt(0.9, "SGD momentum.", min=0.0, max=1.0)
     nesterov: bool = opt(False, "SGD Nesterov momentum.")
     label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
+    clip_grad_norm: Union[float, None] = opt(
+        None, "Clip the gradients' total L2 norm to this value before each optimizer step (after they are reduced "
+        "over ranks and, under 16-mixed, unscaled); the norm before clipping is logged (grad_norm); null = off.",
+        min=0.0, min_exclusive=True)
+    clip_grad_value: Union[float, None] = opt(
+        None, "Clamp every gradient element to [-v, v] before each optimizer step (after the reduction and "
+        "unscaling; before clip_grad_norm when both are set); null = off.", min=0.0, min_exclusive=True)
+    accumulate: int = opt(
+        1, "Gradient accumulation: one optimizer step per K batches of data.batch_size (the effective batch is "
+        "K x batch_size); gradients are synchronised over ranks once per step, and the schedule, the weight "
+        "average, logging and checkpoints count optimizer steps.", min=1)
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,11 @@ class StepLogger(Callback):
 
     def on_train_batch_end(self, run: Any, step: int, loss: Any) -> None:
         if step % run.cfg.log_every_n_steps == 0:
-            lr = run.state.optimizer.param_groups[0]["lr"]
-            self.log({"train/loss": float(loss.item()), "train/lr": float(lr)}, self.global_step(run, step), False)
+            lr, norm = run.state.optimizer.param_groups[0]["lr"], run.stepper.grad_norm
+            metrics = {"train/loss": float(loss.item()), "train/lr": float(lr)}
+            if norm is not None:  # optim.clip_grad_norm: the norm before clipping
+                metrics["train/grad_norm"] = float(norm.item())
+            self.log(metrics, self.global_step(run, step), False)
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
         metrics = {f"epoch/{k}": v for k, v in _finite(row).items()}
@@ -90,17 +93,20 @@ class StepLogger(Callback):
 
 class CSVLogger(StepLogger):
     """metrics.csv (one row per epoch, rewritten from the whole history, so a resumed run's file equals an
-    uninterrupted one's), steps.csv (step, epoch, train loss, lr every log_every_n_steps) and log.txt."""
+    uninterrupted one's), steps.csv (step, epoch, train loss, lr, and the gradient norm with optim.clip_grad_norm,
+    every log_every_n_steps) and log.txt."""
 
     def on_fit_start(self, run: Any) -> None:
         self.steps = run.run_dir / "steps.csv"
         if not self.steps.exists():
-            checkpoint.atomic_write_text(self.steps, "step,epoch,train_loss,lr\n")
+            checkpoint.atomic_write_text(self.steps, "step,epoch,train_loss,lr,grad_norm\n")
 
     def log(self, metrics: dict[str, float], step: int, epoch_end: bool) -> None:
         if not epoch_end:
             with open(self.steps, "a") as f:
-                f.write(f"{step},{step / self.batches:.4f},{metrics['train/loss']:.6g},{metrics['train/lr']:.6g}\n")
+                norm = f"{metrics['train/grad_norm']:.6g}" if "train/grad_norm" in metrics else ""
+                f.write(f"{step},{step / self.batches:.4f},{metrics['train/loss']:.6g},{metrics['train/lr']:.6g},"
+                        f"{norm}\n")
 
     def on_epoch_end(self, run: Any, row: dict) -> None:
         report.write_metrics(run.run_dir, run.state.history)

@@ -65,12 +65,14 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
     hooks.setup(model, strategy)
     if cfg.data.batch_size == "auto":
         cfg = auto_batch_size(cfg, model, strategy, splits, layout, dtype_of(cfg), lines.append)
-    train, val, test, _ = data.build(
-        cfg.data, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
+    steps = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * cfg.optim.accumulate)  # an optimizer
+    train, val, test, _ = data.build(  # step's batch: accumulate x batch_size, run as that many micro-batches
+        steps, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
         channels_last=cfg.model.channels_last, dtype=dtype_of(cfg), splits=splits, local_world=env.local_world_size)
     state = _state(cfg, strategy, model, layout, len(train), plan.resume_from)
     stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), cfg.precision,
-                      train.batch_size, lambda text: hooks.on_message(run, text))
+                      train.batch_size // cfg.optim.accumulate, lambda text: hooks.on_message(run, text),
+                      (cfg.optim.clip_grad_norm, cfg.optim.clip_grad_value))
     stepper.restore(state.partial, env.is_main)
     run = Run(cfg, plan.run_dir, strategy, model, hooks, splits, layout, state, train, val, test, stepper,
               trainable=wrap_trainable(model, layout, strategy, cfg, state.epoch))

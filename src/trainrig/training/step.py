@@ -84,9 +84,11 @@ class Stepper:
     """Runs the optimizer steps of an epoch and keeps the committed loss / accuracy sums on the device."""
 
     def __init__(self, strategy: Strategy, state: TrainState, loss_fn: nn.Module, precision: str, micro: int,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], clip: tuple[float | None, float | None] | None = None):
         self.strategy, self.state, self.loss_fn, self.precision = strategy, state, loss_fn, precision
         self.micro, self.log = micro, log
+        self.clip_norm, self.clip_value = clip if clip is not None else (None, None)
+        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping
         self.device_type = strategy.device.type
         self.fused = any(g.get("fused") for g in state.optimizer.param_groups)
         self.pending: _Launched | None = None
@@ -193,6 +195,7 @@ class Stepper:
 
     def _apply(self, launched: _Launched, defer: bool = False) -> None:
         state = self.state
+        self._clip()
         if defer:  # the fused kernel skips the update when any rank failed; no host read here
             state.optimizer.grad_scale, state.optimizer.found_inf = None, self.strategy.failure_flag()
         else:  # (never with loss scaling, whose GradScaler sets both itself)
@@ -202,6 +205,19 @@ class Stepper:
         if not launched.scheduled:
             state.scheduler.step()
             launched.scheduled = True
+
+    def _clip(self) -> None:
+        """optim.clip_grad_value / clip_grad_norm on the reduced gradients (unscaled first under 16-mixed; a
+        step whose scaled gradients overflowed is skipped by the scaler all the same). No host sync: the norm
+        stays on the device until a logger reads it."""
+        if not (self.clip_value or self.clip_norm):
+            return
+        self.state.scaler.unscale_(self.state.optimizer)
+        params = [p for g in self.state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.clip_value:
+            nn.utils.clip_grad_value_(params, self.clip_value)
+        if self.clip_norm:
+            self.grad_norm = nn.utils.clip_grad_norm_(params, self.clip_norm)
 
     def _commit(self, launched: _Launched) -> None:
         loss_sum, correct = launched.sums  # type: ignore[misc]

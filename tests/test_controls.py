@@ -1,0 +1,121 @@
+"""Training controls: gradient accumulation and gradient clipping compute what their plain counterparts do, on
+one process and on 2 DDP ranks (float64)."""
+import csv
+
+import pytest
+import torch
+
+import trainrig
+from trainrig import data, models
+from trainrig.training import checkpoint, optim
+
+from test_distributed import F64
+
+NO_NORM = "model.class_path=user_models.NoNormNet"
+
+
+def _last(result) -> dict:
+    return checkpoint.load(result.run_dir / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_accumulate_4_x_16_equals_batch_64(tiny_cfg, ranks):
+    """4 accumulated batches of 16 make the optimizer steps batches of 64 make (a network without BatchNorm,
+    whose micro-batches would see their own statistics): same weights (atol 1e-10), losses, schedule and step
+    count, on one process and on 2 DDP ranks (gradients synchronised once per optimizer step)."""
+    common = [F64, NO_NORM, "data.synthetic_train=256", "epochs=2", "sched.name=cosine"]
+    common += ["strategy=ddp", "devices=2"] * (ranks == 2)
+    big = trainrig.fit(tiny_cfg(*common, "data.batch_size=64", "name=big"), progress="off")
+    acc = trainrig.fit(tiny_cfg(*common, "data.batch_size=16", "optim.accumulate=4", "name=acc"), progress="off")
+    a, b = _last(big), _last(acc)
+    assert a["global_step"] == b["global_step"] == 8  # 230 training images: 4 optimizer steps an epoch
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], rtol=0, atol=1e-10), key
+    for ra, rb in zip(big.history, acc.history, strict=True):
+        assert ra["lr"] == rb["lr"]
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-9)
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-9)
+
+
+def _clipped_reference(cfg: trainrig.Config, world: int, max_norm: float,
+                       value: float | None = None) -> tuple[dict, list[float]]:
+    """One process over the same global batches (each rank's shard a micro-batch, gradients averaged), with
+    torch.nn.utils.clip_grad_value_ (``value``) and clip_grad_norm_ before every step; the weights and the
+    norms before norm clipping."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # the ranks' thread count: the same summation order in conv backward
+    try:
+        torch.manual_seed(cfg.seed)
+        model = models.build_model(cfg.model, seed=cfg.seed).double().to(memory_format=torch.channels_last)
+        groups = models.param_groups(model, models.layout_of(model, cfg.model), cfg.model, cfg.optim.lr)
+        opt = optim.build_optimizer(groups, cfg.optim)
+        shards = [data.build(cfg.data, device=torch.device("cpu"), seed=cfg.seed, rank=r, world=world,
+                             dtype=torch.float64)[0] for r in range(world)]
+        norms = []
+        model.train()
+        for epoch in range(cfg.epochs):
+            for s in shards:
+                s.set_epoch(epoch)
+            for batches in zip(*shards):
+                opt.zero_grad()
+                for x, y in batches:
+                    (torch.nn.functional.cross_entropy(model(x), y) / world).backward()
+                if value is not None:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), value)
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+                opt.step()
+        return model.state_dict(), norms
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("ranks,value", [(1, None), (2, None), (2, 0.002)])
+def test_clip_grad_norm_equals_torch_on_the_reduced_gradients(tiny_cfg, ranks, value):
+    """optim.clip_grad_norm (and clip_grad_value) clip what torch.nn.utils.clip_grad_norm_ (clip_grad_value_)
+    clips, on the gradients averaged over the ranks (every step clipped here), and steps.csv logs each step's
+    norm before norm clipping."""
+    extra = ["strategy=ddp", "devices=2"] * (ranks == 2) + [f"optim.clip_grad_value={value}"] * (value is not None)
+    cfg = tiny_cfg(F64, "optim.clip_grad_norm=0.05", "log_every_n_steps=1", "epochs=1", *extra)
+    result = trainrig.fit(cfg, progress="off")
+    expected, norms = _clipped_reference(cfg, ranks, 0.05, value)
+    assert min(norms) > 0.05  # clipping acted on every step
+    saved = _last(result)["model"]
+    for name, value in expected.items():
+        if "running" in name or "num_batches" in name:
+            continue  # buffers: rank 0's under ddp
+        assert torch.allclose(saved[name], value, rtol=0, atol=1e-9), name
+    logged = [float(r["grad_norm"]) for r in csv.DictReader(open(result.run_dir / "steps.csv"))]
+    assert logged == pytest.approx(norms, rel=1e-5)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(trainrig.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, run, step, loss):
+        if run.state.global_step == self.step:
+            raise Crash
+
+
+def test_accumulated_clipped_run_resumes_mid_epoch_exactly(tiny_cfg):
+    """Checkpoints land on optimizer-step boundaries (a step is ``accumulate`` micro-batches): a run crashed
+    mid-epoch resumes from the step checkpoint and ends bitwise equal to an uninterrupted one, with flips,
+    a per-step schedule and clipping."""
+    recipe = ["optim.accumulate=2", "data.batch_size=16", "optim.clip_grad_norm=0.5", "data.flip=true",
+              "sched.name=cosine", "epochs=2", "checkpoint.every_n_steps=2",
+              "data.synthetic_train=256"]  # 230 training images: 8 optimizer steps an epoch
+    full = trainrig.fit(tiny_cfg(*recipe, "name=full"), progress="off")
+    cfg = tiny_cfg(*recipe, "name=part")
+    with pytest.raises(Crash):
+        trainrig.fit(cfg, resume="auto", progress="off", callbacks=[CrashAt(11)])
+    saved = checkpoint.load(full.run_dir.parent / "part" / "checkpoints" / "last.pt", mmap=True)
+    assert (saved["global_step"], saved["batch"]) == (10, 2)  # epoch 2, two optimizer steps in
+    resumed = trainrig.fit(cfg, resume="auto", progress="off")
+    a, b = _last(full), _last(resumed)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]
