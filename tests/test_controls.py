@@ -1,6 +1,7 @@
 """Training controls: gradient accumulation and gradient clipping compute what their plain counterparts do, on
 one process and on 2 DDP ranks (float64)."""
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -119,3 +120,30 @@ def test_accumulated_clipped_run_resumes_mid_epoch_exactly(tiny_cfg):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]
+
+
+def test_param_groups_no_decay_on_biases_and_norms_and_layer_wise_lr(tiny_cfg):
+    """optim.no_decay_norm_bias: every 1-D parameter (biases, BatchNorm weights) in a group without weight
+    decay, the rest with it; optim.layer_decay: ResNet18's fc (new) at lr, layer4 at lr x d, layer3 at lr x d^2,
+    ... the stem at lr x d^5, times backbone_lr_scale; every parameter in exactly one group. A run with them
+    trains, and its optimizer state resumes."""
+    cfg = tiny_cfg("model.class_path=null", "optim.weight_decay=0.1", "optim.no_decay_norm_bias=true",
+                   "optim.layer_decay=0.5", "model.backbone_lr_scale=0.8", "optim.lr=0.01")
+    model = models.build_model(cfg.model)
+    lay = models.layout_of(model, cfg.model)
+    groups = models.param_groups(model, lay, cfg.model, cfg.optim.lr, cfg.optim)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            assert g["weight_decay"] == (0.0 if p.ndim <= 1 else 0.1), names[id(p)]
+    lrs = {names[id(p)].split(".")[0]: g["lr"] for g in groups for p in g["params"] if p.ndim > 1}
+    expected = {"fc": 0.01, "layer4": 0.01 * 0.8 * 0.5, "layer3": 0.01 * 0.8 * 0.25, "layer2": 0.01 * 0.8 * 0.125,
+                "layer1": 0.01 * 0.8 * 0.0625}
+    for layer, lr in expected.items():
+        assert lrs[layer] == pytest.approx(lr, rel=1e-12), layer
+    assert lrs["conv1"] in (0.01, pytest.approx(0.01 * 0.8 * 0.5 ** 5))  # new (rebuilt for 1 channel) or stem
+    result = trainrig.fit(dataclasses.replace(cfg, epochs=1), progress="off")
+    saved = _last(result)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in saved] == [g["weight_decay"] for g in groups]

@@ -18,6 +18,7 @@ import yaml
 from trainrig.config.convert import convert as _convert, load_yaml
 from trainrig.errors import ConfigError
 from trainrig.config.settings import (REFUSED, CheckpointConfig, EarlyStopping, EvalConfig, FSDPSettings,
+                                      OptimConfig, SchedConfig,
                                       MLflowSettings, RaySettings, TuneSettings, WandbSettings, needs_validation,
                                       opt, upgrade)
 
@@ -114,40 +115,6 @@ class ModelConfig:
                           "resolution through the network: more accurate on small images like 28x28, more compute.")
     channels_last: bool = opt(True, "Use the channels_last memory format (faster convolutions on CPU and GPU).")
     ema: EMASettings = opt(EMASettings(), "Moving average of the weights (model.ema.decay turns it on).")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: Literal["adam", "adamw", "sgd"] = opt("adamw", "Optimizer.")
-    lr: float = opt(1e-3, "Peak learning rate.", min=0.0, min_exclusive=True)
-    weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", min=0.0)
-    momentum: float = opt(0.9, "SGD momentum.", min=0.0, max=1.0)
-    nesterov: bool = opt(False, "SGD Nesterov momentum.")
-    label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
-    clip_grad_norm: Union[float, None] = opt(
-        None, "Clip the gradients' total L2 norm to this value before each optimizer step (after they are reduced "
-        "over ranks and, under 16-mixed, unscaled); the norm before clipping is logged (grad_norm); null = off.",
-        min=0.0, min_exclusive=True)
-    clip_grad_value: Union[float, None] = opt(
-        None, "Clamp every gradient element to [-v, v] before each optimizer step (after the reduction and "
-        "unscaling; before clip_grad_norm when both are set); null = off.", min=0.0, min_exclusive=True)
-    accumulate: int = opt(
-        1, "Gradient accumulation: one optimizer step per K batches of data.batch_size (the effective batch is "
-        "K x batch_size); gradients are synchronised over ranks once per step, and the schedule, the weight "
-        "average, logging and checkpoints count optimizer steps.", min=1)
-
-
-@dataclass(frozen=True)
-class SchedConfig:
-    name: Literal["none", "cosine", "step", "onecycle"] = opt(
-        "none", "Learning-rate schedule, stepped every batch.")
-    warmup_epochs: float = opt(0.0, "cosine: linear warm-up length in epochs (may be fractional).", min=0.0)
-    min_lr_ratio: float = opt(0.0, "cosine: final lr as a fraction of the peak.", min=0.0, max=1.0)
-    step_size: int = opt(1, "step: epochs between lr drops.", min=1)
-    gamma: float = opt(0.1, "step: lr multiplier at each drop.", min=0.0, min_exclusive=True)
-    pct_start: float = opt(0.25, "onecycle: fraction of training spent rising to the peak.", min=0.0, max=1.0)
-    div_factor: float = opt(25.0, "onecycle: initial lr = peak / div_factor.", min=1.0)
-    final_div_factor: float = opt(1e4, "onecycle: final lr = initial lr / final_div_factor.", min=1.0)
 
 
 @dataclass(frozen=True)

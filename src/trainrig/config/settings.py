@@ -1,5 +1,6 @@
-"""Settings of the services a run can talk to (Ray Tune, a Ray cluster, MLflow, W&B), and ``opt``, the field
-helper of every config dataclass. Part of the schema in config.py, which imports them."""
+"""Sections of the config schema (config/__init__.py imports them): the optimizer and schedule, evaluation,
+checkpoints, early stopping, FSDP, the services a run can talk to (Ray Tune, a Ray cluster, MLflow, W&B), and
+``opt``, the field helper of every config dataclass."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -136,6 +137,47 @@ class RaySettings:
         "<run folder>/ray.")
     max_failures: int = opt(0, "Times the worker group is restarted after a worker dies; each start resumes the "
                             "run folder from its newest checkpoint.", min=0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = opt("adamw", "Optimizer.")
+    lr: float = opt(1e-3, "Peak learning rate.", min=0.0, min_exclusive=True)
+    weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", min=0.0)
+    momentum: float = opt(0.9, "SGD momentum.", min=0.0, max=1.0)
+    nesterov: bool = opt(False, "SGD Nesterov momentum.")
+    label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
+    clip_grad_norm: Union[float, None] = opt(
+        None, "Clip the gradients' total L2 norm to this value before each optimizer step (after they are reduced "
+        "over ranks and, under 16-mixed, unscaled); the norm before clipping is logged (grad_norm); null = off.",
+        min=0.0, min_exclusive=True)
+    clip_grad_value: Union[float, None] = opt(
+        None, "Clamp every gradient element to [-v, v] before each optimizer step (after the reduction and "
+        "unscaling; before clip_grad_norm when both are set); null = off.", min=0.0, min_exclusive=True)
+    no_decay_norm_bias: bool = opt(
+        False, "No weight decay on biases and normalisation weights (every 1-D parameter), as timm's optimizers "
+        "do by default.")
+    layer_decay: Union[float, None] = opt(
+        None, "Layer-wise learning-rate decay for fine-tuning: the k-th backbone stage below the new layers "
+        "(layer4 = 1 ... stem) trains at lr x backbone_lr_scale x layer_decay^k, e.g. 0.75; null = off.",
+        min=0.0, max=1.0, min_exclusive=True)
+    accumulate: int = opt(
+        1, "Gradient accumulation: one optimizer step per K batches of data.batch_size (the effective batch is "
+        "K x batch_size); gradients are synchronised over ranks once per step, and the schedule, the weight "
+        "average, logging and checkpoints count optimizer steps.", min=1)
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: Literal["none", "cosine", "step", "onecycle"] = opt(
+        "none", "Learning-rate schedule, stepped every batch.")
+    warmup_epochs: float = opt(0.0, "cosine: linear warm-up length in epochs (may be fractional).", min=0.0)
+    min_lr_ratio: float = opt(0.0, "cosine: final lr as a fraction of the peak.", min=0.0, max=1.0)
+    step_size: int = opt(1, "step: epochs between lr drops.", min=1)
+    gamma: float = opt(0.1, "step: lr multiplier at each drop.", min=0.0, min_exclusive=True)
+    pct_start: float = opt(0.25, "onecycle: fraction of training spent rising to the peak.", min=0.0, max=1.0)
+    div_factor: float = opt(25.0, "onecycle: initial lr = peak / div_factor.", min=1.0)
+    final_div_factor: float = opt(1e4, "onecycle: final lr = initial lr / final_div_factor.", min=1.0)
 
 
 @dataclass(frozen=True)

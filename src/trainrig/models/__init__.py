@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainrig.config import ModelConfig
+from trainrig.config import ModelConfig, OptimConfig
 from trainrig.errors import CheckpointError, ConfigError
 from trainrig.imports import construct, import_class
 from trainrig.models import surgery
@@ -207,15 +207,38 @@ def layout_of(model: nn.Module, cfg: ModelConfig) -> Layout:
     return layout(model, new_conv=rebuilt)
 
 
-def param_groups(model: nn.Module, lay: Layout, cfg: ModelConfig, lr: float) -> list[dict]:
-    """Optimizer groups: new layers at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``."""
+def param_groups(model: nn.Module, lay: Layout, cfg: ModelConfig, lr: float,
+                 optim: OptimConfig | None = None) -> list[dict]:
+    """Optimizer groups: new layers at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``. With
+    ``optim.layer_decay`` d, backbone stage k below the new layers (deepest first, the stem last) trains at
+    ``lr * backbone_lr_scale * d**k`` (timm's and BEiT's layer-wise decay); with ``optim.no_decay_norm_bias``
+    every 1-D parameter (biases, norm weights) gets no weight decay (timm's filter_bias_and_bn)."""
     named = list(model.named_parameters())
+    if optim is not None and (optim.layer_decay or optim.no_decay_norm_bias):
+        return _finer_groups(named, lay, cfg, lr, optim)
     if cfg.backbone_lr_scale == 1.0:
         return [{"params": [p for _, p in named], "lr": lr, "name": "all"}]
     new = [p for name, p in named if surgery.is_new(lay, name)]
     body = [p for name, p in named if not surgery.is_new(lay, name)]
     return [{"params": new, "lr": lr, "name": "new"},
             {"params": body, "lr": lr * cfg.backbone_lr_scale, "name": "backbone"}]
+
+
+def _finer_groups(named: list, lay: Layout, cfg: ModelConfig, lr: float, optim: OptimConfig) -> list[dict]:
+    """One group per (stage, decayed or not), in the order the parameters come."""
+    depth = {path: k for k, (_, paths) in enumerate(lay.stages, 1) for path in paths}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in named:
+        stage = "new" if surgery.is_new(lay, name) else next(
+            (path for path in depth if name == path or name.startswith(path + ".")), "rest")
+        scale = 1.0 if stage == "new" else cfg.backbone_lr_scale * (optim.layer_decay or 1.0) ** depth.get(
+            stage, len(lay.stages))
+        plain = optim.no_decay_norm_bias and p.ndim <= 1
+        group = groups.setdefault((stage, plain), {
+            "params": [], "lr": lr * scale, "name": f"{stage}{' (no decay)' if plain else ''}",
+            "weight_decay": 0.0 if plain else optim.weight_decay})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def enable_grad_checkpointing(model: nn.Module, blocks: tuple[str, ...]) -> nn.Module:

@@ -26,7 +26,7 @@ def auto_batch_size(cfg: Config, model: nn.Module, strategy: Strategy, splits: d
     train_tf, _ = data.transforms(cfg.data, splits.mean, splits.std, cfg.model.channels_last, dtype)
 
     def try_step(size: int) -> None:
-        optimizer = build_optimizer(models.param_groups(model, layout, cfg.model, cfg.optim.lr), cfg.optim)
+        optimizer = build_optimizer(models.param_groups(model, layout, cfg.model, cfg.optim.lr, cfg.optim), cfg.optim)
         x, y = data.sample_batch(splits.train, size, train_tf, strategy.device)
         with autocast(strategy.device.type, cfg.precision):
             logits = model(x)

@@ -54,7 +54,7 @@ class TrainState:
     @classmethod
     def create(cls, cfg: Config, model: nn.Module, steps_per_epoch: int, device_type: str,
                layout: models.Layout) -> "TrainState":
-        optimizer = build_optimizer(models.param_groups(model, layout, cfg.model, cfg.optim.lr), cfg.optim)
+        optimizer = build_optimizer(models.param_groups(model, layout, cfg.model, cfg.optim.lr, cfg.optim), cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor_fn(cfg.sched, cfg.epochs, max(1, steps_per_epoch)))
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "16-mixed")
