@@ -18,12 +18,13 @@ from test_faults import assert_same_run
 FSDP = [*DDP, "strategy=fsdp"]
 
 
-def test_fsdp_equals_single_process(tiny_cfg):
+def test_fsdp_equals_single_process_and_serves_one_process(tiny_cfg, tmp_path):
     """2 epochs in float64, flips on (each rank its own stream): the weights equal one process computing the
     same per-rank micro-batches and averaging their gradients (atol 1e-10); every rank wrote its shard.
     A network without BatchNorm: a conv bias just before BatchNorm has a gradient of pure rounding noise, which
     Adam scales up to full steps, so FSDP's (a + b) / 2 against the reference's a / 2 + b / 2 would move it by
-    4e-10 (every other parameter of TinyNet agrees within 5e-13)."""
+    4e-10 (every other parameter of TinyNet agrees within 5e-13). Its best.pt then serves predict, export and
+    --init-from on one process (below)."""
     cfg = tiny_cfg(*FSDP, "epochs=2", F64, "data.flip=true", "model.class_path=user_models.NoNormNet")
     result = trainrig.fit(cfg, progress="off")
     assert len(result.param_checksums) == 2 and result.param_checksums[0] == result.param_checksums[1]
@@ -39,6 +40,7 @@ def test_fsdp_equals_single_process(tiny_cfg):
         assert saved["model"][name].dtype == torch.float64
         assert torch.allclose(saved["model"][name], value, rtol=0, atol=1e-10), name
     assert result.test["samples"] == 101  # the final test read the chosen shards on both ranks
+    _one_process_uses(result.run_dir / "checkpoints" / "best.pt", tmp_path)
 
 
 def test_fsdp_killed_rank_restarts_and_equals_uninterrupted(tiny_cfg, tmp_path):
@@ -79,6 +81,15 @@ def test_fsdp_run_resumes_on_one_process_and_on_two_alike(tiny_cfg):
         assert torch.allclose(ends[1][key], value, rtol=0, atol=1e-10), key
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("model.ema.decay", "0.99", "model.ema: not with strategy fsdp"),
+    ("precision", "16-mixed", "precision: 16-mixed needs a loss scaler"),
+])
+def test_what_fsdp_cannot_do_is_one_line(tiny_cfg, key, value, message):
+    with pytest.raises(trainrig.ConfigError, match=message):
+        trainrig.fit(tiny_cfg(*FSDP, f"{key}={value}"), progress="off")
+
+
 def _images(folder, n=6):
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -87,11 +98,9 @@ def _images(folder, n=6):
     return folder
 
 
-def test_predict_export_and_init_from_a_sharded_run_on_one_process(tiny_cfg, tmp_path):
+def _one_process_uses(sharded, tmp_path):
     """A 2-rank FSDP run's best.pt (a step file naming its shards) serves predict, export and --init-from on
     one process exactly as a whole-model checkpoint of the same weights does."""
-    result = trainrig.fit(tiny_cfg(*FSDP, "epochs=1"), progress="off")
-    sharded = result.run_dir / "checkpoints" / "best.pt"
     whole = {k: v for k, v in checkpoint.load(sharded).items() if k != checkpoint.SHARDS}
     plain = tmp_path / "plain.pt"
     checkpoint.save(plain, whole)
@@ -108,12 +117,3 @@ def test_predict_export_and_init_from_a_sharded_run_on_one_process(tiny_cfg, tmp
     init = models.load_state_dict_file(sharded)  # what model.weights / --init-from read: tensors only
     assert init.keys() == whole["model"].keys()
     assert all(torch.equal(init[k], whole["model"][k]) for k in init)
-
-
-@pytest.mark.parametrize("key,value,message", [
-    ("model.ema.decay", "0.99", "model.ema: not with strategy fsdp"),
-    ("precision", "16-mixed", "precision: 16-mixed needs a loss scaler"),
-])
-def test_what_fsdp_cannot_do_is_one_line(tiny_cfg, key, value, message):
-    with pytest.raises(trainrig.ConfigError, match=message):
-        trainrig.fit(tiny_cfg(*FSDP, f"{key}={value}"), progress="off")
