@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import trainrig
-from trainrig import data, models
-from trainrig.training import checkpoint, optim
+from trainrig import models
+from trainrig.training import checkpoint
 
-from test_distributed import F64
+from test_distributed import F64, reference_params
 
 NO_NORM = "model.class_path=user_models.NoNormNet"
 
@@ -40,34 +40,15 @@ def test_accumulate_4_x_16_equals_batch_64(tiny_cfg, ranks):
 
 def _clipped_reference(cfg: trainrig.Config, world: int, max_norm: float,
                        value: float | None = None) -> tuple[dict, list[float]]:
-    """One process over the same global batches (each rank's shard a micro-batch, gradients averaged), with
-    torch.nn.utils.clip_grad_value_ (``value``) and clip_grad_norm_ before every step; the weights and the
-    norms before norm clipping."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # the ranks' thread count: the same summation order in conv backward
-    try:
-        torch.manual_seed(cfg.seed)
-        model = models.build_model(cfg.model, seed=cfg.seed).double().to(memory_format=torch.channels_last)
-        groups = models.param_groups(model, models.layout_of(model, cfg.model), cfg.model, cfg.optim.lr)
-        opt = optim.build_optimizer(groups, cfg.optim)
-        shards = [data.build(cfg.data, device=torch.device("cpu"), seed=cfg.seed, rank=r, world=world,
-                             dtype=torch.float64)[0] for r in range(world)]
-        norms = []
-        model.train()
-        for epoch in range(cfg.epochs):
-            for s in shards:
-                s.set_epoch(epoch)
-            for batches in zip(*shards):
-                opt.zero_grad()
-                for x, y in batches:
-                    (torch.nn.functional.cross_entropy(model(x), y) / world).backward()
-                if value is not None:
-                    torch.nn.utils.clip_grad_value_(model.parameters(), value)
-                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
-                opt.step()
-        return model.state_dict(), norms
-    finally:
-        torch.set_num_threads(threads)
+    """The one-process reference of test_distributed with torch.nn.utils.clip_grad_value_ (``value``) and
+    clip_grad_norm_ before every step; the weights and the norms before norm clipping."""
+    norms = []
+
+    def clip(model):
+        if value is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), value)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+    return reference_params(cfg, world, clip), norms
 
 
 @pytest.mark.parametrize("ranks,value", [(1, None), (2, None), (2, 0.002)])

@@ -25,25 +25,26 @@ DDP = ["strategy=ddp", "devices=2", "data.synthetic_train=128", "data.synthetic_
 F64 = "precision=64-true"  # "the same computation" claims are checked in float64: any torch build, any CPU
 
 
-def reference_params(cfg: trainrig.Config) -> dict[str, torch.Tensor]:
+def reference_params(cfg: trainrig.Config, world: int = 2, before_step=None) -> dict[str, torch.Tensor]:
     """One process over the same global batches: each rank's shard is a micro-batch (BatchNorm statistics
-    per shard, as on the ranks) and gradients are averaged over shards before one optimizer step.
-    Same thread count as the ranks: a different one changes float summation order in conv backward."""
+    per shard, as on the ranks) and gradients are averaged over shards before one optimizer step
+    (``before_step(model)`` runs just before it, e.g. to clip). Same thread count as the ranks: a different
+    one changes float summation order in conv backward."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _reference(cfg)
+        return _reference(cfg, world, before_step or (lambda model: None))
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference(cfg):
+def _reference(cfg, world, before_step):
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, seed=cfg.seed).double()
     model = model.to(memory_format=torch.channels_last) if cfg.model.channels_last else model
     opt = optim.build_optimizer(models.param_groups(model, models.layout_of(model, cfg.model), cfg.model, cfg.optim.lr), cfg.optim)
-    shards = [data.build(cfg.data, device=torch.device("cpu"), seed=cfg.seed, rank=r, world=2,
-                         dtype=torch.float64)[0] for r in (0, 1)]
+    shards = [data.build(cfg.data, device=torch.device("cpu"), seed=cfg.seed, rank=r, world=world,
+                         dtype=torch.float64)[0] for r in range(world)]
     model.train()
     for epoch in range(cfg.epochs):
         for s in shards:
@@ -51,7 +52,8 @@ def _reference(cfg):
         for batches in zip(*shards):
             opt.zero_grad()
             for x, y in batches:
-                (torch.nn.functional.cross_entropy(model(x), y) / 2).backward()
+                (torch.nn.functional.cross_entropy(model(x), y) / world).backward()
+            before_step(model)
             opt.step()
     return model.state_dict()
 
