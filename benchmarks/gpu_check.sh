@@ -4,7 +4,7 @@
 #      cuda:0,cuda:0 == [cpu, cpu], real CUDA OOM recovery,
 #      16-mixed and bf16-mixed (with EMA and flip TTA), the DDP OOM agreement on CUDA;
 #   2. images/s at batch 128: the source notes' loop (DataLoader + ToTensor) vs trainrig (batches on the GPU);
-#   3. the fast recipe's time to 91.5% test accuracy (configs/fashion_resnet18_fast.yaml, seed 0);
+#   3. the 3-epoch recipe's time to 91.5% test accuracy (configs/fashion_resnet18_3epochs.yaml, seed 0);
 #   4. FSDP vs DDP per-rank memory (parameters + gradients + optimizer state, CUDA peak) and throughput for
 #      ResNet50 and ViT-B/16 at 1, 2 (and 4) GPUs (benchmarks/fsdp_memory.py).
 # The device machine has python3 with torch, torchvision, typer, rich, pyyaml, pytest but no internet and no
@@ -27,7 +27,7 @@ LOG="${OUT:-/tmp}/gpu_check.md"
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
   echo "--- throughput, batch 128 (plain loop vs trainrig)"
   timeout 90 $PY benchmarks/throughput.py --threads 8 --batch-sizes 128 --images 25600 2>&1 | tail -n 3
-  echo "--- time to 91.5% (fast recipe, seed 0)"
+  echo "--- time to 91.5% (3-epoch recipe, seed 0)"
   timeout 120 $PY benchmarks/time_to_accuracy.py --seeds 0 --targets 91.5 92.5 --set data.root=data \
     --set threads=8 2>&1 | tail -n 8
   echo "--- FSDP vs DDP memory per rank and throughput"

@@ -9,7 +9,7 @@ moving averages of the weights with those decays and ``--probe-tta`` evaluates w
 augmentation, at every epoch end, from the same training run (their evaluation time is not counted), so
 one run answers "would EMA / TTA help this recipe". Results measured on the 2-core CPU are recorded in
 benchmarks/RESULTS.md. Run: ``python benchmarks/recipe.py e3 e3_ls_b64 --probe-ema 0.995 0.998 --probe-tta``,
-``python benchmarks/recipe.py default --config configs/fashion_resnet18_fast.yaml --seeds 0 1``.
+``python benchmarks/recipe.py default --config configs/fashion_resnet18_3epochs.yaml --seeds 0 1``.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ The clock starts when ``trainrig.fit`` is called (data decoding and model buildi
 every epoch end. Each epoch is also evaluated with the other eval.tta setting than the config's, on the
 side: that evaluation's time is taken off the clock, so the minutes are those of the config as it is.
 
-  python benchmarks/time_to_accuracy.py                      # configs/fashion_resnet18_fast.yaml, seeds 0 1
+  python benchmarks/time_to_accuracy.py                      # configs/fashion_resnet18_3epochs.yaml, seeds 0 1
   python benchmarks/time_to_accuracy.py --set epochs=5 --seeds 0 1
   python benchmarks/time_to_accuracy.py --config configs/fashion_resnet18.yaml --targets 91.5
 """
@@ -65,7 +65,7 @@ def first_reaching(rows: list[dict], view: str, target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_resnet18_fast.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_resnet18_3epochs.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--targets", type=float, nargs="+", default=[91.5, 92.5], help="test accuracy, percent")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
