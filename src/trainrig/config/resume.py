@@ -8,8 +8,8 @@ from trainrig.config import Config, _join, load, to_dict
 from trainrig.errors import ConfigError
 
 # Keys a resumed run may change: where and how fast it runs, not what it computes (epochs may grow).
-RESUME_FREE = ("name", "out_dir", "epochs", "resume", "restarts", "launcher", "device", "devices", "threads", "dist_timeout_s", "callbacks", "loggers",
-               "log_every_n_steps", "data.root",
+RESUME_FREE = ("name", "out_dir", "epochs", "resume", "restarts", "launcher", "device", "devices", "threads",
+               "dist_timeout_s", "callbacks", "loggers", "log_every_n_steps", "data.root",
                "data.num_workers", "data.pin_memory", "data.eval_batch_size")
 
 FREE_SECTIONS = ("tune.", "ray.", "checkpoint.", "mlflow.", "wandb.", "eval.",

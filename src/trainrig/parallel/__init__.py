@@ -31,12 +31,10 @@ def make_strategy(cfg: Config, env: DistEnv) -> Strategy:
     return strategy_class(cfg)(cfg, env)
 
 
-def launch(cfg: Config, worker: Worker, callbacks: Sequence[Any], again: Worker | None = None) -> Any:
+def run_workers(cfg: Config, worker: Worker, callbacks: Sequence[Any], again: Worker | None = None) -> Any:
     """Run ``worker(env, callbacks)`` in every process ``cfg.strategy`` needs; rank 0's result."""
-    cls = strategy_class(cfg)
-    cls.check(cfg)
-    return cls.launch(cfg, worker, callbacks, again)
+    return strategy_class(cfg).launch(cfg, worker, callbacks, again)
 
 
-__all__ = ["STRATEGIES", "DistEnv", "Strategy", "SingleStrategy", "strategy_class", "make_strategy", "launch",
+__all__ = ["STRATEGIES", "DistEnv", "Strategy", "SingleStrategy", "strategy_class", "make_strategy", "run_workers",
            "default_threads", "resolve_device"]

@@ -131,7 +131,7 @@ class FSDPStrategy(ProcessGroupStrategy):
 
     @staticmethod
     def _step_file(path: Path) -> dict[str, Any]:
-        saved = checkpoint.load(path, mmap=True)  # its small entries only; the weights are in the shards
+        saved = checkpoint.load(path, shards=False)  # each rank reads its own part of the shards
         if not saved.get(checkpoint.SHARDS):
             raise ConfigError(f"{path}: a whole-model checkpoint (not written by strategy fsdp); resume it with "
                               f"the strategy that wrote it")

@@ -10,7 +10,7 @@ from torch import nn
 
 from trainrig.config import Config
 from trainrig.errors import ConfigError
-from trainrig.parallel import launch as launching
+from trainrig.parallel.launch import join_group, spawn_group
 from trainrig.parallel.base import DistEnv, Strategy, Worker, device_names, group_timeout, resolve_device
 
 
@@ -40,11 +40,11 @@ class ProcessGroupStrategy(Strategy):
         up to ``restarts`` times from the newest checkpoint, running ``again``)."""
         env = DistEnv.from_environ()
         if env.launched:
-            return launching.join_group(cfg, env, worker, callbacks)
+            return join_group(cfg, env, worker, callbacks)
         world = cls.processes(cfg)
         if world < 1:
             raise ConfigError(f"devices: {cfg.strategy} needs at least one process, got {cfg.devices!r}")
-        return launching.spawn_group(cfg, world, worker, callbacks, again)
+        return spawn_group(cfg, world, worker, callbacks, again)
 
     @property
     def distributed(self) -> bool:

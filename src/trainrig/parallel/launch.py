@@ -31,6 +31,7 @@ from trainrig.parallel.rendezvous import agent_store_shared, fresh_store
 from trainrig.parallel.base import DistEnv, Worker, group_timeout
 from trainrig.training.watchdog import Watchdog
 
+
 class WorkerFailed(RunFailed):
     """A DDP rank raised; the message names the rank and its error (the CLI exits 1, not 2)."""
 

@@ -18,6 +18,7 @@ from trainrig.training import checkpoint
 from trainrig.training.callbacks import Callback
 from trainrig.config import Config
 from trainrig.errors import ConfigError, TrainrigError
+from trainrig.parallel import STRATEGIES, run_workers, strategy_class
 from trainrig.parallel.launch import WorkerFailed
 from trainrig.training.preempt import STOP_FILE, Preempted, on_stop_signals, signal_name, stop_message
 from trainrig.parallel.base import group_timeout
@@ -47,10 +48,8 @@ def _worker_loop(config: dict) -> None:
     """One Ray Train worker: the fit worker in the group Ray set up; rank 0 reports its result."""
     import ray.train
 
-    from trainrig.parallel import launch
-
     try:
-        result = launch(config["cfg"], config["worker"], config["callbacks"])
+        result = run_workers(config["cfg"], config["worker"], config["callbacks"])
     except Preempted:  # stopped and saved as asked (the driver's STOP file): not a failure for Ray to retry;
         result = None  # the driver knows it asked and reads where the run stopped from the run folder
     # A barrier: every worker reports. Ray Train (v2) hands the driver only metrics reported with a
@@ -67,8 +66,6 @@ def _backend(cfg: Config) -> str:
 
 
 def _check(cfg: Config, callbacks: Sequence[Callback]) -> None:
-    from trainrig.parallel import STRATEGIES, strategy_class
-
     if not strategy_class(cfg).group:
         groups = " or ".join(name for name, cls in STRATEGIES.items() if cls.group)
         raise ConfigError(f"launcher: ray runs a process group ({groups}) on Ray's workers; strategy: "

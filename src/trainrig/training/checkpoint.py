@@ -195,7 +195,9 @@ def newest_readable(folder: Path) -> tuple[dict[str, Any], Path, list[str]]:
         try:
             if inode in bad:
                 raise CheckpointError(f"{path}: the same file as {bad[inode].name}")
-            state = load(path)
+            state = load(path, shards=False)
+            if state.get(SHARDS):  # a sharded run's weights stay in their shards: their index must read
+                _shard_metadata(path.parent / state[SHARDS])
         except CheckpointError as exc:
             bad[inode] = path
             reasons.append(str(exc))
@@ -207,9 +209,10 @@ def newest_readable(folder: Path) -> tuple[dict[str, Any], Path, list[str]]:
     raise CheckpointError(f"{folder}: no readable checkpoint ({'; '.join(reasons) or 'none found'})")
 
 
-def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+def load(path: str | Path, *, mmap: bool = False, shards: bool = True) -> dict[str, Any]:
     """``mmap``: map the file instead of reading it, for a look at its small entries (config, epoch). A sharded
-    checkpoint's model weights are read from its shard folder (one process), except with ``mmap``."""
+    checkpoint's model weights are read from its shard folder onto this one process, unless ``shards`` is
+    false (or with ``mmap``): resuming reads its own part of them (the strategy)."""
     path = Path(path)
     if path.is_dir():
         found = next((p for p in (path / "checkpoints" / "best.pt", path / "best.pt") if p.is_file()), None)
@@ -221,7 +224,7 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and state.get(SHARDS) and not mmap:
+    if isinstance(state, dict) and state.get(SHARDS) and shards and not mmap:
         state["model"] = read_sharded(path.parent / state[SHARDS], "model")
     return state
 
@@ -240,8 +243,8 @@ def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
     alone (``no_dist``: whatever process group exists is not used), shaped from the folder's metadata."""
     import torch.distributed.checkpoint as dcp
 
+    meta = _shard_metadata(folder)
     try:
-        meta = dcp.FileSystemReader(str(folder)).read_metadata()
         prefix = f"{key}."
         tensors = {name[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
                    for name, m in meta.state_dict_metadata.items()
@@ -252,6 +255,17 @@ def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise CheckpointError(f"{folder}: not a readable sharded checkpoint ({type(exc).__name__}: {exc})") from None
     return tensors
+
+
+def _shard_metadata(folder: Path) -> Any:
+    """The index torch.distributed.checkpoint wrote beside the shards (what each holds); CheckpointError when
+    the folder is missing or damaged."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: not a readable sharded checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def copy_to(path: Path, folder: Path, name: str = "last.pt") -> Path:

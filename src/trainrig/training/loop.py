@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from trainrig import config as config_mod, models
+from trainrig import config as config_mod
 from trainrig.config import Config
 from trainrig.errors import ConfigError
-from trainrig.parallel import DistEnv, launch, strategy_class
+from trainrig.parallel import DistEnv, run_workers, strategy_class
 from trainrig.training import callbacks as cb, checkpoint, choose, evaluation, memory
 from trainrig.training.averaging import Averaging
 from trainrig.training.builtin import builtin
@@ -31,7 +31,7 @@ from trainrig.training.plan import Resume, pin, resume_request
 from trainrig.training.progress import Progress, ProgressMode
 from trainrig.training.run import Callback, Run
 from trainrig.training.runlock import RunLock
-from trainrig.training.setup import UserParts, build_run
+from trainrig.training.setup import UserParts, build_run, train_stages
 from trainrig.training.step import eval_logits
 
 
@@ -141,11 +141,7 @@ def _epoch(run: Run, core: Core, epoch: int) -> dict[str, float]:
     the weight average's weights once it started)."""
     started, cfg, state = time.perf_counter(), run.cfg, run.state
     run.model.train()
-    stages = models.unfrozen_stages(run.layout.stage_names, cfg.model.finetune, epoch, cfg.model.unfreeze_every)
-    models.apply_unfrozen(run.model, run.layout, stages)  # after train(): frozen BatchNorm back in eval mode
-    if stages != run.trainable:  # DDP registers the trainable parameters when it wraps
-        run.trainable = stages
-        run.strategy.wrap(run.model)
+    run.trainable = train_stages(run.model, run.layout, run.strategy, cfg, epoch, run.trainable)
     first = state.batch  # > 0: resumed mid-epoch from a checkpoint
     run.train.set_epoch(epoch, first)
     core.average.epoch_start(run, epoch + 1)
@@ -180,14 +176,15 @@ def fit(cfg: Config, *, model: nn.Module | None = None, train_data: Any = None, 
     """
     if (train_data is None) != (test_data is None) or (val_data is not None and train_data is None):
         raise ConfigError("fit: give both train_data and test_data (and val_data if you like), or neither")
+    strategy_class(cfg).check(cfg)  # what the parallel mode cannot do, before any process or Ray starts
     everything = [*builtin(cfg, progress), *cb.from_specs(cfg.callbacks), *callbacks]
     parts, request = UserParts(model, train_data, test_data, val_data), resume_request(cfg, resume)
     if cfg.launcher == "ray" and not DistEnv.from_environ().launched:
         return _fit_on_ray(cfg, request, parts, everything)
     if cfg.restarts and strategy_class(cfg).group and not DistEnv.from_environ().launched:
         cfg, request = pin(cfg, request)  # a restarted group must find this run's folder
-    return launch(cfg, functools.partial(_fit_worker, cfg, request, parts), everything,
-                  again=functools.partial(_fit_worker, cfg, "auto", parts))
+    return run_workers(cfg, functools.partial(_fit_worker, cfg, request, parts), everything,
+                       again=functools.partial(_fit_worker, cfg, "auto", parts))
 
 
 def _fit_on_ray(cfg: Config, resume: Resume, parts: UserParts, callbacks: Sequence[Callback]) -> FitResult:

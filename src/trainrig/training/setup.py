@@ -75,18 +75,20 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
                       (cfg.optim.clip_grad_norm, cfg.optim.clip_grad_value))
     stepper.restore(state.partial, env.is_main)
     run = Run(cfg, plan.run_dir, strategy, model, hooks, splits, layout, state, train, val, test, stepper,
-              trainable=wrap_trainable(model, layout, strategy, cfg, state.epoch))
+              trainable=train_stages(model, layout, strategy, cfg, state.epoch, None))
     _finish(run, env, resume, plan, lines)
     return run
 
 
-def wrap_trainable(model: nn.Module, layout: models.Layout, strategy: Strategy, cfg: Config,
-                   epoch: int) -> tuple[str, ...]:
-    """Freeze what epoch ``epoch`` (0-based) does not train and wrap the model for it (DDP registers the
-    trainable parameters when it wraps); the stages it trains."""
+def train_stages(model: nn.Module, layout: models.Layout, strategy: Strategy, cfg: Config, epoch: int,
+                 wrapped: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Freeze what epoch ``epoch`` (0-based) does not train (after ``model.train()``: frozen BatchNorm back in
+    eval mode) and wrap the model again when that changes what trains (``wrapped``: the stages of the last
+    wrap; DDP registers the trainable parameters when it wraps); the stages it trains."""
     stages = models.unfrozen_stages(layout.stage_names, cfg.model.finetune, epoch, cfg.model.unfreeze_every)
     models.apply_unfrozen(model, layout, stages)
-    strategy.wrap(model)
+    if stages != wrapped:
+        strategy.wrap(model)
     return stages
 
 
