@@ -17,8 +17,8 @@ import yaml
 
 from trainrig.config.convert import convert as _convert, load_yaml
 from trainrig.errors import ConfigError
-from trainrig.config.settings import (REFUSED, CheckpointConfig, EarlyStopping, EvalConfig, FSDPSettings,
-                                      OptimConfig, SchedConfig,
+from trainrig.config.settings import (REFUSED, AugmentSettings, CheckpointConfig, EarlyStopping, EvalConfig,
+                                      FSDPSettings, OptimConfig, SchedConfig, augment_problems,
                                       MLflowSettings, RaySettings, TuneSettings, WandbSettings, needs_validation,
                                       opt, upgrade)
 
@@ -63,6 +63,9 @@ class DataConfig:
         "config; trainer predict prints them.")
     flip: bool = opt(False, "Random horizontal flip of training batches.")
     crop_padding: int = opt(0, "Random crop after zero-padding by this many pixels (0 = off).", min=0)
+    augment: AugmentSettings = opt(
+        AugmentSettings(), "More training augmentation (torchvision.transforms.v2): random resized crop, an "
+        "automatic policy, random erasing, mixup / cutmix. Every draw is a function of (seed, epoch, rank, batch).")
     loader: Literal["auto", "memory", "dataloader"] = opt(
         "auto", "auto: decode once into memory when it fits data.cache_mb, else a DataLoader decodes per batch; "
         "memory / dataloader: force one. The run's first line says which was taken.")
@@ -114,6 +117,10 @@ class ModelConfig:
     stem_pool: bool = opt(True, "Keep the max-pool after the first conv (ResNet family); false keeps twice the "
                           "resolution through the network: more accurate on small images like 28x28, more compute.")
     channels_last: bool = opt(True, "Use the channels_last memory format (faster convolutions on CPU and GPU).")
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = opt(
+        False, "torch.compile the network in place (its state_dict keeps its names: no _orig_mod. in checkpoints, "
+        "EMA, export or predict) with this mode; true = default. The first steps compile (the time is logged "
+        "once); needs a C++ compiler on the CPU. Not with strategy fsdp or model_parallel.")
     ema: EMASettings = opt(EMASettings(), "Moving average of the weights (model.ema.decay turns it on).")
 
 
@@ -307,14 +314,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     source = dict(raw) if raw is not None else (read_yaml(path) if path is not None else {})
     problems: list[str] = []
     file_cfg = _build(Config, source, "", problems, from_text=False)
-    problems += _folder_names(file_cfg) + _validation_problems(file_cfg) if not problems else []
+    problems += _folder_names(file_cfg) + _validation_problems(file_cfg) + augment_problems(file_cfg) if not problems else []
     if problems:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(where + "; ".join(problems))
     if overrides:
         merged = _deep_merge(to_dict(file_cfg), parse_overrides(overrides))
         cfg = _build(Config, merged, "", problems, from_text=True)
-        problems += _folder_names(cfg) + _validation_problems(cfg) if not problems else []
+        problems += _folder_names(cfg) + _validation_problems(cfg) + augment_problems(cfg) if not problems else []
         if problems:
             raise ConfigError("--set: " + "; ".join(problems))
         return cfg

@@ -247,3 +247,31 @@ def upgrade(raw: dict) -> dict:
     renamed = {"accuracy": "val_acc", "loss": "val_loss", "train_accuracy": "train_acc"}
     out["tune"]["metric"] = renamed.get(out["tune"].get("metric", "accuracy"), out["tune"].get("metric"))
     return out
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    resized_crop: Union[list[float], None] = opt(
+        None, "RandomResizedCrop's scale range [min, max] of the image area kept, e.g. [0.35, 1.0], resized back to "
+        "the image size; null = off.")
+    policy: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = opt(
+        "none", "Automatic augmentation policy per image (torchvision.transforms.v2): RandAugment, "
+        "TrivialAugmentWide or AutoAugment (ImageNet policy).")
+    num_ops: int = opt(2, "randaugment: operations per image.", min=1)
+    magnitude: int = opt(9, "randaugment: strength of every operation (0-30).", min=0, max=30)
+    erasing: float = opt(0.0, "RandomErasing: probability that a rectangle of each normalised training image is "
+                         "set to 0 (the mean); 0 = off.", min=0.0, max=1.0)
+    mixup: float = opt(0.0, "MixUp's Beta(alpha, alpha) for the mixing weight; 0 = off. Targets become soft "
+                       "(optim.label_smoothing still applies).", min=0.0)
+    cutmix: float = opt(0.0, "CutMix's alpha; 0 = off. With mixup too, each batch takes one of the two at random.",
+                        min=0.0)
+    mix_prob: float = opt(1.0, "Fraction of training batches mixed (mixup / cutmix); the rest keep hard labels.",
+                          min=0.0, max=1.0)
+
+
+def augment_problems(cfg: Any) -> list[str]:
+    """What the field types cannot say about ``data.augment``."""
+    scale = cfg.data.augment.resized_crop
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        return [f"data.augment.resized_crop: expected [min, max] with 0 < min <= max <= 1, got {scale}"]
+    return []

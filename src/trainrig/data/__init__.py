@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from trainrig.config import Config, DataConfig
 from trainrig.errors import ConfigError, DataError
 from trainrig.data import cifar, idx, imagefolder, synthetic
+from trainrig.data.augment import Augment
 from trainrig.data.batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, augment_generator, epoch_generator, make_batches, sample_batch, shard_indices, worker_errors)
 from trainrig.data.idx import read_idx
 from trainrig.data.images import ImageFiles, Prepared, TensorSet, channel_stats, decode, native_channels, prepare
@@ -325,10 +326,13 @@ def resolve(cfg: Config, splits: Splits) -> Config:
 
 
 def transforms(cfg: DataConfig, mean: Any, std: Any, channels_last: bool = True,
-               dtype: torch.dtype = torch.float32) -> tuple[BatchTransform, BatchTransform]:
-    """Training (augmenting) and evaluation batch transforms."""
+               dtype: torch.dtype = torch.float32, num_classes: int = 0) -> tuple[BatchTransform, BatchTransform]:
+    """Training (augmenting) and evaluation batch transforms; ``num_classes``: the model's outputs (the width
+    of mixup / cutmix's soft targets)."""
     common = dict(mean=tuple(mean), std=tuple(std), normalize=cfg.normalize, channels_last=channels_last, dtype=dtype)
-    return BatchTransform(flip=cfg.flip, crop_padding=cfg.crop_padding, **common), BatchTransform(**common)
+    augment = Augment(cfg.augment, num_classes or len(cfg.classes or ()))
+    return (BatchTransform(flip=cfg.flip, crop_padding=cfg.crop_padding, augment=augment if augment.active else None,
+                           **common), BatchTransform(**common))
 
 
 class Built(NamedTuple):
@@ -342,12 +346,13 @@ class Built(NamedTuple):
 
 def build(cfg: DataConfig, *, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1,
           channels_last: bool = True, dtype: torch.dtype = torch.float32, splits: Splits | None = None,
-          local_world: int = 1) -> Built:
+          local_world: int = 1, num_classes: int = 0) -> Built:
     """Train, validation and test batch iterators for this process (``rank`` of ``world``), plus the splits."""
     splits = splits if splits is not None else load_splits(cfg, seed, local_world=local_world)
     if not isinstance(cfg.batch_size, int):
         raise DataError(f"data.batch_size={cfg.batch_size!r} must be resolved to a number before batching")
-    train_tf, test_tf = transforms(cfg, splits.mean, splits.std, channels_last, dtype)
+    train_tf, test_tf = transforms(cfg, splits.mean, splits.std, channels_last, dtype,
+                                   num_classes or splits.num_classes)
     train, (val, test) = make_batches(
         splits.train, (splits.val, splits.test), batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         train_tf=train_tf, test_tf=test_tf, device=device, seed=seed, rank=rank, world=world,

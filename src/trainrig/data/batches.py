@@ -1,8 +1,8 @@
 """Batches for a training process: whole-batch transforms, seeded orders, sharding over ranks.
 
 In-memory uint8 tensors are cut into batches with one permutation per epoch and normalised / flipped /
-cropped as whole batches (no per-item work); any other dataset goes through a DataLoader with the same
-transforms, order and sharding rules.
+cropped as whole batches (no per-item work; ``data.augment``'s per-image draws run on the batch tensor, see
+augment.py); any other dataset goes through a DataLoader with the same transforms, order and sharding rules.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from trainrig.errors import DataError
+from trainrig.data.augment import Augment
 from trainrig.data.images import TensorSet
 
 
@@ -30,11 +31,14 @@ class BatchTransform:
     crop_padding: int = 0
     channels_last: bool = True
     dtype: torch.dtype = torch.float32
+    augment: Augment | None = None  # data.augment (augment.py), when any of it is on
 
     def __call__(self, images: torch.Tensor, device: torch.device, gen: torch.Generator | None) -> torch.Tensor:
         x = images.to(device, non_blocking=True)
         if x.ndim == 3:
             x = x.unsqueeze(1)
+        if gen is not None and self.augment is not None:
+            x = self.augment.pixels(x, gen)
         if gen is not None:
             x = self._augment(x, gen)
         x = x.to(self.dtype)
@@ -44,7 +48,19 @@ class BatchTransform:
             shape = (1, -1, 1, 1)
             x = x.sub_(torch.tensor(self.mean, dtype=x.dtype).view(shape).to(x.device, non_blocking=True))
             x = x.div_(torch.tensor(self.std, dtype=x.dtype).view(shape).to(x.device, non_blocking=True))
+        if gen is not None and self.augment is not None:
+            x = self.augment.erase(x, gen)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training (``gen`` given) or evaluation batch: images as ``__call__`` makes them, labels on the
+        device; mixup / cutmix make the training labels soft targets (N, num_classes)."""
+        x, y = self(images, device, gen), labels.to(device, non_blocking=True)
+        if gen is None or self.augment is None or not self.augment.mixes:
+            return x, y
+        x, y = self.augment.mix(x, y.long(), gen)
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -136,8 +152,7 @@ class TensorBatches:
             if self.train and len(chunk) == 1:
                 break  # BatchNorm cannot train on a single sample
             gen = augment_generator(self.seed, self.epoch, self.rank, batch) if self.train else None
-            x = self.transform(self.images[chunk], self.device, gen)
-            yield x, self.labels[chunk].to(self.device, non_blocking=True)
+            yield self.transform.batch(self.images[chunk], self.labels[chunk], self.device, gen)
 
 
 class _EpochOrder(torch.utils.data.Sampler):
@@ -203,7 +218,7 @@ class LoaderBatches:
                 if self.train and labels.shape[0] == 1:
                     break
                 gen = augment_generator(self.seed, self.epoch, self.rank, batch) if self.train else None
-                yield self.transform(images, self.device, gen), labels.to(self.device, non_blocking=True)
+                yield self.transform.batch(images, labels, self.device, gen)
 
 
 Batches = TensorBatches | LoaderBatches

@@ -39,6 +39,9 @@ class FSDPStrategy(ProcessGroupStrategy):
         if cfg.model.ema.decay:
             raise ConfigError("model.ema: not with strategy fsdp (the average would be a second full copy of the "
                               "weights on every rank); use strategy ddp, or no model.ema")
+        if cfg.model.compile:
+            raise ConfigError("model.compile: not with strategy fsdp yet (torch.compile of sharded blocks is "
+                              "untested here); use strategy ddp, or model.compile: false")
         if cfg.precision == "16-mixed":
             raise ConfigError("precision: 16-mixed needs a loss scaler that knows the shards; with strategy fsdp "
                               "use bf16-mixed (parameters gathered in bfloat16, gradients reduced in float32)")

@@ -47,6 +47,12 @@ class ModelParallelStrategy(Strategy):
         self.stage_devices = stage_devices(cfg)
         self.device = self.stage_devices[0]  # batches go to the first stage
 
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        if cfg.model.compile:
+            raise ConfigError("model.compile: not with strategy model_parallel (its stages pipeline micro-batches "
+                              "across devices in Python); use strategy single, dp or ddp, or model.compile: false")
+
     def describe(self) -> str:
         return f"{self.name} x1  devices: {', '.join(map(str, self.stage_devices))}"
 

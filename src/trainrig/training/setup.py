@@ -63,12 +63,12 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
     layout, model = models.layout_of(model, cfg.model), strategy.setup(model)
     hooks = Hooks(callbacks, env.is_main)
     hooks.setup(model, strategy)
-    if cfg.data.batch_size == "auto":
-        cfg = auto_batch_size(cfg, model, strategy, splits, layout, dtype_of(cfg), lines.append)
+    cfg = _batch_and_compile(cfg, model, strategy, splits, layout, lines)
     steps = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * cfg.optim.accumulate)  # an optimizer
     train, val, test, _ = data.build(  # step's batch: accumulate x batch_size, run as that many micro-batches
         steps, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
-        channels_last=cfg.model.channels_last, dtype=dtype_of(cfg), splits=splits, local_world=env.local_world_size)
+        channels_last=cfg.model.channels_last, dtype=dtype_of(cfg), splits=splits, local_world=env.local_world_size,
+        num_classes=cfg.model.num_classes or 0)
     state = _state(cfg, strategy, model, layout, len(train), plan.resume_from)
     stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), cfg.precision,
                       train.batch_size // cfg.optim.accumulate, lambda text: hooks.on_message(run, text),
@@ -78,6 +78,17 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
               trainable=train_stages(model, layout, strategy, cfg, state.epoch, None))
     _finish(run, env, resume, plan, lines)
     return run
+
+
+def _batch_and_compile(cfg: Config, model: nn.Module, strategy: Strategy, splits: data.Splits,
+                       layout: models.Layout, lines: list[str]) -> Config:
+    """batch_size: auto, then model.compile in place (nn.Module.compile: the state_dict keeps its names), after
+    the search: each batch size it tried would have compiled anew."""
+    if cfg.data.batch_size == "auto":
+        cfg = auto_batch_size(cfg, model, strategy, splits, layout, dtype_of(cfg), lines.append)
+    if cfg.model.compile:
+        model.compile(mode="default" if cfg.model.compile is True else cfg.model.compile)
+    return cfg
 
 
 def train_stages(model: nn.Module, layout: models.Layout, strategy: Strategy, cfg: Config, epoch: int,

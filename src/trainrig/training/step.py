@@ -45,6 +45,14 @@ def full_precision(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
+def _targets(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Labels where the logits are (model parallel: the last stage); soft targets (mixup / cutmix) in the
+    logits' dtype, as the cross-entropy wants them."""
+    if y.is_floating_point():
+        return y.to(logits.device, logits.dtype, non_blocking=True)
+    return y.to(logits.device, non_blocking=True)
+
+
 # Test-time augmentation: the views of a batch whose logits are averaged (images are N, C, H, W).
 TTA_VIEWS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
     "none": (lambda x: x,),
@@ -176,10 +184,12 @@ class Stepper:
             with self.strategy.no_sync(last=i == len(chunks) - 1):
                 with autocast(self.device_type, self.precision):
                     logits = net(xc)
-                yc = yc.to(logits.device, non_blocking=True)  # model parallel: logits come from the last stage
-                loss = self.loss_fn(full_precision(logits), yc)
+                logits = full_precision(logits)
+                yc = _targets(yc, logits)
+                loss = self.loss_fn(logits, yc)
                 scaler.scale(loss * (xc.shape[0] / n) if len(chunks) > 1 else loss).backward()
-            batch_loss, batch_correct = loss.detach() * yc.shape[0], (logits.detach().argmax(1) == yc).sum()
+            hard = yc.argmax(1) if yc.is_floating_point() else yc  # mixup / cutmix: the larger share counts
+            batch_loss, batch_correct = loss.detach() * yc.shape[0], (logits.detach().argmax(1) == hard).sum()
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
             correct = batch_correct if correct is None else correct + batch_correct
         return loss_sum, correct
