@@ -65,7 +65,8 @@ def assert_exit_2(result, message: str) -> None:
 
 # The slowest modules first: pytest-xdist (--dist loadfile) hands out whole modules in this order, so the
 # two workers start on the long ones and finish together on the short ones.
-SLOW_FIRST = ("test_ray", "test_tune_survival", "test_tune", "test_stalls", "test_faults", "test_fsdp", "test_compile", "test_own", "test_memory",
+SLOW_FIRST = ("test_ray", "test_tune_survival", "test_tune", "test_stalls", "test_faults", "test_fsdp", "test_compile",
+              "test_own", "test_memory",
               "test_distributed", "test_loop", "test_honest", "test_trust", "test_notebook")
 
 

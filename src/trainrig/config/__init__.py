@@ -314,18 +314,23 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     source = dict(raw) if raw is not None else (read_yaml(path) if path is not None else {})
     problems: list[str] = []
     file_cfg = _build(Config, source, "", problems, from_text=False)
-    problems += _folder_names(file_cfg) + _validation_problems(file_cfg) + augment_problems(file_cfg) if not problems else []
+    problems += _value_problems(file_cfg) if not problems else []
     if problems:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(where + "; ".join(problems))
     if overrides:
         merged = _deep_merge(to_dict(file_cfg), parse_overrides(overrides))
         cfg = _build(Config, merged, "", problems, from_text=True)
-        problems += _folder_names(cfg) + _validation_problems(cfg) + augment_problems(cfg) if not problems else []
+        problems += _value_problems(cfg) if not problems else []
         if problems:
             raise ConfigError("--set: " + "; ".join(problems))
         return cfg
     return file_cfg
+
+
+def _value_problems(cfg: Config) -> list[str]:
+    """What the field types cannot say, checked once the types are right."""
+    return _folder_names(cfg) + _validation_problems(cfg) + augment_problems(cfg)
 
 
 NAME_BYTES = 200  # a folder name's limit is 255 bytes on common file systems; room is left for "-2", ".tmp" ...
