@@ -60,8 +60,9 @@ def test_space_conversion_and_params(tmp_path):
     assert applied.data.batch_size == 64 and applied.optim.lr == 0.5 and applied.epochs == cfg.epochs
 
 
-def test_hyperopt_asha_end_to_end(tmp_path):
-    cfg = tune_cfg(tmp_path, "tune.scheduler=asha", "tune.max_t=4", "tune.grace_period=1",
+def test_optuna_asha_end_to_end(tmp_path):
+    """Optuna's TPE (2 random trials first) with ASHA, 4 trials: trials.csv, the table, best.yaml warm-starts."""
+    cfg = tune_cfg(tmp_path, "tune.searcher=optuna", "tune.scheduler=asha", "tune.max_t=4", "tune.grace_period=1",
                    "tune.reduction_factor=2", RESNET)  # trials that learn apart, and a warm start that shows
     result = tune.run(cfg, verbose=False)
     exp = result.experiment_dir

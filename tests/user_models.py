@@ -49,3 +49,14 @@ class NoNormNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class LinearNet(nn.Module):
+    """Softmax regression on the pixels: a convex problem, whose good learning rates a plain loop can map."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28):
+        super().__init__()
+        self.head = nn.Linear(in_channels * size * size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1))

@@ -19,7 +19,11 @@ from trainrig.trained.inference import Prediction, load_trained, predict
 from trainrig.trained.inference import evaluate_checkpoint
 from trainrig.training.loop import FitResult, fit
 from trainrig.models import build_model
+from trainrig.preflight.lr_find import LRFindResult, lr_find
+from trainrig.preflight.profile import ProfileResult, profile
+from trainrig.preflight.summary import Summary, summary
 
-__all__ = ["Callback", "Config", "ConfigError", "DataError", "FitResult", "Prediction", "TrainrigError",
-           "build_model", "evaluate_checkpoint", "export", "fit", "load_config", "load_trained", "predict"]
+__all__ = ["Callback", "Config", "ConfigError", "DataError", "FitResult", "LRFindResult", "Prediction",
+           "ProfileResult", "Summary", "TrainrigError", "build_model", "evaluate_checkpoint", "export", "fit",
+           "load_config", "load_trained", "lr_find", "predict", "profile", "summary"]
 __version__ = "0.1.0"

@@ -90,9 +90,10 @@ class TuneSettings:
     search_space: dict = opt(
         {}, "Dotted fit-config keys -> {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | "
         "{randint: [lo, hi]} (inclusive) | {pow2: [lo, hi]} (2**k, k in lo..hi) | {grid: [...]}.")
-    searcher: Literal["random", "grid", "hyperopt"] = opt(
-        "hyperopt", "random (also runs grid entries), grid (every grid combination) or hyperopt (TPE).")
-    n_initial_points: int = opt(4, "hyperopt: random trials before TPE starts modelling.", min=1)
+    searcher: Literal["random", "grid", "hyperopt", "optuna"] = opt(
+        "hyperopt", "random (also runs grid entries), grid (every grid combination), hyperopt (TPE, HyperOpt: no "
+        "release since 2021) or optuna (TPE, Optuna: maintained; seeded, resumable).")
+    n_initial_points: int = opt(4, "hyperopt / optuna: random trials before TPE starts modelling.", min=1)
     scheduler: Literal["fifo", "asha", "hyperband", "pbt"] = opt(
         "fifo", "Trial scheduler; asha/hyperband stop poor trials early; pbt (Population Based Training) copies good "
         "trials' checkpoints into poor ones and mutates their hyperparameters during training (tune.pbt).")
@@ -104,7 +105,7 @@ class TuneSettings:
         None, "asha/hyperband: keep 1/reduction_factor of trials at each rung; null = Ray's default "
         "(asha 4, hyperband 3).", min=1.0, min_exclusive=True)
     metric: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = opt(
-        "val_acc", "Metric the searcher and scheduler (ASHA's cuts, PBT's donors, HyperOpt's next point) and "
+        "val_acc", "Metric the searcher and scheduler (ASHA's cuts, PBT's donors, TPE's next point) and "
         "best.yaml use: a validation or training metric, never the test set's (only the best trial's test "
         "accuracy is measured, once, at the end).")
     mode: Literal["auto", "max", "min"] = opt("auto", "Maximise or minimise the metric; auto = max for accuracies, "

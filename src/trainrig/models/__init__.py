@@ -264,10 +264,10 @@ def enable_grad_checkpointing(model: nn.Module, blocks: tuple[str, ...]) -> nn.M
 
 def check_output(model: nn.Module, size: int, c: int, n: int) -> None:
     """A network of the user's must map (N, C, H, W) images to (N, num_classes) logits: say so before training."""
-    was_training = model.training
+    was_training, first = model.training, next(model.parameters())
     try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(2, c, size, size, device=next(model.parameters()).device))
+        with torch.no_grad():  # in the network's own dtype: a float64 one is moved to nothing
+            out = model.eval()(torch.zeros(2, c, size, size, device=first.device, dtype=first.dtype))
     except Exception as exc:
         raise ConfigError(f"model: {type(model).__name__} fails on a (2, {c}, {size}, {size}) batch: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -71,8 +71,8 @@ def validate_space(cfg: Config) -> dict[str, tuple[str, Any]]:
                               f"(choose from {', '.join(DISTRIBUTIONS)})")
         if key.split(".")[0] in ("tune", "callbacks"):
             raise ConfigError(f"tune.search_space.{key}: not a fit-config key")
-        if dist == "grid" and cfg.tune.searcher == "hyperopt":
-            raise ConfigError(f"tune.search_space.{key}: grid cannot be used with searcher: hyperopt "
+        if dist == "grid" and cfg.tune.searcher in ("hyperopt", "optuna"):  # a model picks every value
+            raise ConfigError(f"tune.search_space.{key}: grid cannot be used with searcher: {cfg.tune.searcher} "
                               f"(use choice, or searcher: grid / random)")
         if dist not in ("choice", "grid"):
             args = _bounds(dist, args, key)

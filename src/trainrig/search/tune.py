@@ -112,17 +112,34 @@ def _check_resources(cfg: Config) -> int:
     return max(1, min(fits, settings.max_concurrent or fits))
 
 
+def _hyperopt(settings: Any) -> Any:
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    return HyperOptSearch(n_initial_points=settings.n_initial_points, random_state_seed=settings.seed)
+
+
+def _optuna(settings: Any) -> Any:
+    try:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ConfigError("tune.searcher: optuna needs Optuna: pip install 'trainrig[tune]'") from None
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed,
+                                                           n_startup_trials=settings.n_initial_points))
+
+
+MODEL_SEARCHERS = {"hyperopt": _hyperopt, "optuna": _optuna}  # TPE; random / grid: Ray's variant generator
+
+
 def _searcher(cfg: Config, concurrency: int):
     settings = cfg.tune
-    if settings.searcher != "hyperopt":  # random / grid: Ray's variant generator, seeded
+    if settings.searcher not in MODEL_SEARCHERS:  # random / grid: Ray's variant generator, seeded
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(max_concurrent=concurrency, random_state=settings.seed)
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.hyperopt import HyperOptSearch
 
-    algo = HyperOptSearch(n_initial_points=settings.n_initial_points, random_state_seed=settings.seed)
-    return ConcurrencyLimiter(algo, max_concurrent=concurrency)
+    return ConcurrencyLimiter(MODEL_SEARCHERS[settings.searcher](settings), max_concurrent=concurrency)
 
 
 def pbt_mutations(cfg: Config) -> dict[str, tuple[str, Any]]:
@@ -169,8 +186,9 @@ def _check(cfg: Config, resume: bool) -> tuple[Config, dict[str, tuple[str, Any]
     cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, mode=mode))
     parsed = validate_space(cfg)
     if cfg.tune.scheduler == "pbt":
-        if cfg.tune.searcher == "hyperopt":
-            raise ConfigError("tune.scheduler: pbt explores by itself; set tune.searcher: random (or grid)")
+        if cfg.tune.searcher in MODEL_SEARCHERS:
+            raise ConfigError(f"tune.scheduler: pbt explores by itself; set tune.searcher: random (or grid), not "
+                              f"{cfg.tune.searcher}")
         pbt_mutations(cfg)
     exp_dir = experiment_dir(cfg)
     if resume and not exp_dir.is_dir():

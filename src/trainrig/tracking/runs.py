@@ -134,12 +134,15 @@ def _test_acc(folder: Path, history: list[dict]) -> float | None:
     return float(history[-1]["test_acc"]) if old else None
 
 
+PROBE = "PROBE"  # marks the folder of a probe (trainer lr-find, profile): a run built, never trained
+
+
 def find(root: str | Path, depth: int = 3) -> list[Path]:
-    """Run folders under ``root`` (itself included), at most ``depth`` levels down."""
+    """Run folders under ``root`` (itself included), at most ``depth`` levels down; probes' are not runs."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"{root}: no such folder (trainer runs [DIR], default runs/)")
-    found = [root] if (root / "config.yaml").is_file() else []
+    found = [root] if (root / "config.yaml").is_file() and not (root / PROBE).exists() else []
     if depth:
         for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if child.name not in ("checkpoints", "tensorboard", "wandb", "mlruns"):
