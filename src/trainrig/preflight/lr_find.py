@@ -72,11 +72,7 @@ def lr_find(cfg: Config, *, steps: int = 100, min_lr: float = 1e-7, max_lr: floa
 
 
 def _find(cfg: Config, sweep: Sweep, apply: bool, run: Run, env: DistEnv) -> LRFindResult | None:
-    saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-    try:
-        lrs, losses = _sweep(run, sweep)
-    finally:
-        run.model.load_state_dict(saved)
+    lrs, losses = _sweep(run, sweep)
     smoothed = smooth(losses)
     suggestion = valley(lrs, smoothed)
     at = lrs.index(suggestion)  # every rank saw the same averaged losses; checked, not assumed

@@ -40,7 +40,11 @@ def _worker(cfg: Config, suffix: str, parts: UserParts, body: Body, env: DistEnv
         run = build_run(cfg, "never", parts, env, callbacks, held)
         if env.is_main:  # trainer runs lists runs that train, not this folder
             atomic_write_text(run.run_dir / PROBE, f"{cfg.name}: built by trainer {suffix}, not trained\n")
-        return body(run, env)
+        saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        try:  # a probe steps the optimizer; the caller's network leaves with the weights it came with
+            return body(run, env)
+        finally:
+            run.model.load_state_dict(saved)
     finally:
         for lock in held:
             lock.release()

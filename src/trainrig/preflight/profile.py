@@ -66,7 +66,6 @@ def profile(cfg: Config, *, steps: int = 10, warmup: int = 3, peak_flops: float 
 
 
 def _profile(steps: int, warmup: int, peak_flops: float | None, run: Run, env: DistEnv) -> ProfileResult | None:
-    saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     trace, tables = run.run_dir / "trace.json", []
     sort = "self_cuda_time_total" if run.strategy.device.type == "cuda" else "self_cpu_time_total"
 
@@ -74,15 +73,12 @@ def _profile(steps: int, warmup: int, peak_flops: float | None, run: Run, env: D
         tables.append(prof.key_averages().table(sort_by=sort, row_limit=15))
         if env.is_main:
             prof.export_chrome_trace(str(trace))
-    try:
-        feed = batches(run)
-        for _ in range(warmup - 2):
-            run.stepper.step(*next(feed))
-        with FlopCounterMode(display=False) as counter:  # a warm-up step, counted
-            run.stepper.step(*next(feed))
-        fetch, total, seen = _steps(run, feed, steps, ready)
-    finally:
-        run.model.load_state_dict(saved)
+    feed = batches(run)
+    for _ in range(warmup - 2):
+        run.stepper.step(*next(feed))
+    with FlopCounterMode(display=False) as counter:  # a warm-up step, counted
+        run.stepper.step(*next(feed))
+    fetch, total, seen = _steps(run, feed, steps, ready)
     if not env.is_main:
         return None
     flops = counter.get_total_flops()
