@@ -3,6 +3,7 @@ checkpoint to resume, decided by rank 0 for every rank), data, model, batches, t
 steps - then the ``Run`` the loop trains and the callbacks observe, complete before its first hook."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
@@ -56,7 +57,7 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
     lines.insert(0, f"data: {splits.description}")  # the run's first line: which data path was taken
     cfg = data.resolve(cfg, splits)
     data.check_labels(splits, cfg.model.num_classes)
-    model = _build_model(cfg, parts.model)
+    model = _build_model(cfg, parts.model, private=env.world_size > 1)
     if parts.model is not None:  # recorded so that predict/export can rebuild it (if it needs no arguments)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, class_path=f"{type(parts.model).__module__}.{type(parts.model).__qualname__}"))
@@ -142,7 +143,11 @@ def _load_data(cfg: Config, parts: UserParts, env: DistEnv) -> data.Splits:
     return splits
 
 
-def _build_model(cfg: Config, given: nn.Module | None = None) -> nn.Module:
+def _build_model(cfg: Config, given: nn.Module | None = None, private: bool = False) -> nn.Module:
+    # torch.multiprocessing hands a spawned process its arguments' tensors in shared memory: without a copy of
+    # its own, every rank's optimizer would step the same parameters (each update applied once per rank)
+    if given is not None and private:
+        given = copy.deepcopy(given)
     model = given if given is not None else models.build_model(cfg.model, seed=cfg.seed)
     if given is not None or cfg.model.class_path:
         models.check_output(model, cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes)
