@@ -5,6 +5,7 @@ learning real clothes, whichever file format carries them.
 """
 import csv
 import json
+import multiprocessing
 import pickle
 
 import pytest
@@ -220,9 +221,13 @@ def test_notebook_fit_with_own_module_and_datasets(fashion, tmp_path, strategy):
     tx, ty, vx, vy = fashion
     train, test = Pairs(tx, ty, list(CLASSES)), Pairs(vx, vy, list(CLASSES))
     loader = torch.utils.data.DataLoader(train, batch_size=64)  # contributes its dataset
+    before = set(multiprocessing.active_children())
     result = _fit(f"out_dir={tmp_path}", f"strategy={strategy}", "devices=2", "threads=1", "epochs=2",
                   model=TinyNet(width=16), train_data=loader, test_data=test)
     assert result.history[-1]["val_acc"] > 0.3
+    # the loaders' workers ended with the run (left to the garbage collector, a loader in a reference cycle
+    # kept each worker 5 s, then had it killed: 15 s at the end of every spawned rank)
+    assert set(multiprocessing.active_children()) <= before
     cfg = trainrig.load_config(result.run_dir / "config.yaml")
     assert cfg.model.class_path == "user_models.TinyNet" and cfg.data.classes == list(CLASSES)
     with pytest.raises(ConfigError, match="give both train_data and test_data"):

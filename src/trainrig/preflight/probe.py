@@ -13,8 +13,7 @@ from trainrig.errors import ConfigError
 from trainrig.parallel import DistEnv, run_workers, strategy_class
 from trainrig.tracking.runs import PROBE
 from trainrig.training.checkpoint import atomic_write_text
-from trainrig.training.run import Callback, Run
-from trainrig.training.runlock import RunLock
+from trainrig.training.run import Callback, Held, Run
 from trainrig.training.setup import UserParts, build_run
 from trainrig.training.watchdog import Watchdog
 
@@ -35,7 +34,7 @@ def probe(cfg: Config, suffix: str, parts: UserParts, body: Body) -> Any:
 
 def _worker(cfg: Config, suffix: str, parts: UserParts, body: Body, env: DistEnv,
             callbacks: Sequence[Callback]) -> Any:
-    held: list[RunLock] = []
+    held: list[Held] = []
     try:
         run = build_run(cfg, "never", parts, env, callbacks, held)
         if env.is_main:  # trainer runs lists runs that train, not this folder
@@ -46,8 +45,8 @@ def _worker(cfg: Config, suffix: str, parts: UserParts, body: Body, env: DistEnv
         finally:
             run.model.load_state_dict(saved)
     finally:
-        for lock in held:
-            lock.release()
+        for item in reversed(held):
+            item.release()
 
 
 def batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -170,8 +170,13 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
     torch.set_num_threads(default_threads(cfg, 1))
     built = data.build(cfg.data, device=trained.device, seed=cfg.seed, channels_last=cfg.model.channels_last,
                        dtype=torch.float64 if cfg.precision == "64-true" else torch.float32, splits=data.load_splits(cfg.data, cfg.seed, channels=cfg.model.in_channels))
-    test = evaluation.evaluate_report(trained.model, built.test, trained.classes, precision=cfg.precision,
-                                      tta=cfg.eval.tta, mistakes=cfg.eval.mistakes, bins=cfg.eval.calibration_bins)
+    try:
+        test = evaluation.evaluate_report(trained.model, built.test, trained.classes, precision=cfg.precision,
+                                          tta=cfg.eval.tta, mistakes=cfg.eval.mistakes, bins=cfg.eval.calibration_bins)
+    finally:  # a streamed set's loader workers end now, not whenever the garbage collector gets to them
+        for batches in (built.train, built.val, built.test):
+            if batches is not None:
+                batches.release()
     test = {"split": "test", "checkpoint": str(path), "epoch": trained.epoch, "seed": cfg.seed, "tta": cfg.eval.tta,
             **test}
     if out_dir is not None:

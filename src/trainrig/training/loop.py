@@ -29,8 +29,7 @@ from trainrig.training.builtin import builtin
 from trainrig.training.checkpointing import Saver
 from trainrig.training.plan import Resume, pin, resume_request
 from trainrig.training.progress import Progress, ProgressMode
-from trainrig.training.run import Callback, Run
-from trainrig.training.runlock import RunLock
+from trainrig.training.run import Callback, Held, Run
 from trainrig.training.setup import UserParts, build_run, train_stages
 from trainrig.training.step import eval_logits
 
@@ -217,7 +216,7 @@ def _result(cfg: Config, run_dir: Path, history: list[dict], test: dict | None, 
 
 def _fit_worker(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv,
                 callbacks: Sequence[Callback]) -> FitResult | None:
-    held: list[RunLock] = []  # rank 0's lock on the run folder, released however the run ends
+    held: list[Held] = []  # rank 0's lock on the run folder, the loaders' workers: released however it ends
     try:
         started = time.perf_counter()
         run = build_run(cfg, resume, parts, env, callbacks, held)
@@ -227,8 +226,8 @@ def _fit_worker(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv,
         return _result(run.cfg, run.run_dir, list(run.state.history), test, time.perf_counter() - started,
                        checksums)
     finally:
-        for lock in held:
-            lock.release()
+        for item in reversed(held):
+            item.release()
 
 
 def _train(run: Run) -> tuple[dict | None, list[float]]:

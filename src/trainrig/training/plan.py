@@ -16,6 +16,7 @@ from trainrig.tracking import report
 from trainrig.config import Config
 from trainrig.errors import CheckpointError, ConfigError, TrainrigError
 from trainrig.config.resume import mutated, resume_config
+from trainrig.training.run import Held
 from trainrig.training.runlock import RunInUse, RunLock
 from trainrig.training.state import TrainState
 from trainrig.parallel.base import Strategy
@@ -81,7 +82,7 @@ def pin(cfg: Config, resume: Resume) -> tuple[Config, Resume]:
     return (plan.cfg, "auto") if resume == "never" else (cfg, resume)
 
 
-def claim(cfg: Config, resume: Resume, held: list[RunLock]) -> Plan:
+def claim(cfg: Config, resume: Resume, held: list[Held]) -> Plan:
     """Rank 0: the run's plan (``plan_run``), its folder locked before its checkpoints are read (runlock.py); a
     fresh run that lost a race for a new folder takes the next name."""
     folder = Path(cfg.out_dir) / cfg.name

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:  # names for the annotations only: at run time this module imports nothing of trainrig, so
     from torch import nn  # that the launchers (parallel/) can use Callback while Run names a Strategy
@@ -132,6 +132,12 @@ class Hooks(Callback):
     def on_message(self, run: Run, text: str) -> None:
         for cb in self.callbacks:
             cb.on_message(run, text)
+
+
+class Held(Protocol):
+    """What a run holds until it ends, however it ends: the run folder's lock, data loader workers."""
+
+    def release(self) -> None: ...
 
 
 @dataclass

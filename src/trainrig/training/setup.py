@@ -21,8 +21,7 @@ from trainrig.parallel import DistEnv, Strategy, default_threads, make_strategy
 from trainrig.training import checkpoint
 from trainrig.training.batch_size import auto_batch_size
 from trainrig.training.plan import Plan, Resume, claim, main_decides, resumed_how
-from trainrig.training.run import Callback, Hooks, Run
-from trainrig.training.runlock import RunLock
+from trainrig.training.run import Callback, Held, Hooks, Run
 from trainrig.training.state import TrainState
 from trainrig.training.step import Stepper
 
@@ -42,7 +41,7 @@ def dtype_of(cfg: Config) -> torch.dtype:
 
 
 def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callbacks: Sequence[Callback],
-              held: list[RunLock]) -> Run:
+              held: list[Held]) -> Run:
     """Plan (rank 0 decides and locks the folder), then build everything the run needs; the lines to show
     wait until the callbacks have seen ``on_fit_start``."""
     strategy = make_strategy(cfg, env)
@@ -70,6 +69,7 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
         steps, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
         channels_last=cfg.model.channels_last, dtype=dtype_of(cfg), splits=splits, local_world=env.local_world_size,
         num_classes=cfg.model.num_classes or 0)
+    held.extend(batches for batches in (train, val, test) if batches is not None)
     state = _state(cfg, strategy, model, layout, len(train), plan.resume_from)
     stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), cfg.precision,
                       train.batch_size // cfg.optim.accumulate, lambda text: hooks.on_message(run, text),
