@@ -2,6 +2,7 @@
 its own so that pytest-xdist runs it beside test_tune.py)."""
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -19,19 +20,27 @@ from trainrig.search import tune
 from test_tune import SPACE, tune_cfg
 
 
-def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
+def _started(run: Path) -> float:
+    """When a trial's fit began (it writes config.yaml first): Ray names a searcher's trials by a random id,
+    so their folders do not sort in the order they ran."""
+    return (run / "config.yaml").stat().st_mtime_ns if (run / "config.yaml").is_file() else math.inf
+
+
+def test_interrupted_optuna_search_resumes_each_trial_once(tmp_path):
+    """Optuna's TPE, 4 trials one at a time: Ctrl-C after a trial has ended, --resume finishes the search
+    without running an ended trial again, and best.yaml fits."""
     args = ["-m", "trainrig", "tune", "-c", "configs/smoke.yaml", "--quiet", "--set", "model.class_path=user_models.TinyNet",
             "--set", "data.synthetic_train=96", "--set", "epochs=2", "--set", f"tune.storage_path={tmp_path}",
-            "--set", "tune.name=exp", "--set", "tune.searcher=random", "--set", "tune.num_samples=3",
-            "--set", f"tune.search_space={SPACE}", "--set", "tune.max_concurrent=1"]
+            "--set", "tune.name=exp", "--set", "tune.searcher=optuna", "--set", "tune.n_initial_points=2",
+            "--set", "tune.num_samples=4", "--set", f"tune.search_space={SPACE}", "--set", "tune.max_concurrent=1"]
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, text=True)
     deadline = time.monotonic() + 240
     finished: list[Path] = []
     while time.monotonic() < deadline and len(finished) < 1:
         time.sleep(1)
-        runs = sorted((tmp_path / "exp").glob("_trial_*/fit"), key=lambda run: run.parent.name)
-        # one trial at a time, in order: a trial has ended (for Ray too) once the next one has started
+        runs = sorted((tmp_path / "exp").glob("_trial_*/fit"), key=_started)
+        # one trial at a time: a trial has ended (for Ray too) once the next one has started
         finished = [run / "metrics.csv" for run in runs[:-1] if (run / "metrics.csv").is_file()
                     and len((run / "metrics.csv").read_text().splitlines()) == 3]
     assert finished, "no trial finished in time"
@@ -39,17 +48,17 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]  # not 0: the search is not complete
     said = " ".join(err.split())
-    assert re.search(r"interrupted: [12] of 3 trials finished", said), said[-2000:]
+    assert re.search(r"interrupted: [123] of 4 trials finished", said), said[-2000:]
     marker = (tmp_path / "exp" / "PARTIAL").read_text()
-    assert "of 3 trials finished" in marker and (tmp_path / "exp" / "best.yaml").read_text().startswith("# PARTIAL")
+    assert "of 4 trials finished" in marker and (tmp_path / "exp" / "best.yaml").read_text().startswith("# PARTIAL")
     assert any(r["stop_reason"] == "interrupted" for r in csv.DictReader(open(tmp_path / "exp" / "trials.csv")))
     stamps = {m: m.stat().st_mtime_ns for m in finished}
     resumed = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "exp" / "trials.csv")))
-    assert len(rows) == 3 and all(r["stop_reason"] == "completed" for r in rows)
+    assert len(rows) == 4 and all(r["stop_reason"] == "completed" for r in rows)
     for m, stamp in stamps.items():  # finished trials were not run again
-        assert m.stat().st_mtime_ns == stamp
+        assert m.stat().st_mtime_ns == stamp, m
     for trial in (tmp_path / "exp").glob("_trial_*"):
         assert [p.name for p in trial.glob("fit*")] == ["fit"]  # resumed in place, never restarted elsewhere
         assert len((trial / "fit" / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs, once each
@@ -59,6 +68,9 @@ def test_interrupted_experiment_resumes_each_trial_once(tmp_path):
     assert best["tune"]["search_space"] == {} and best["epochs"] == 2
     assert not (tmp_path / "exp" / "PARTIAL").exists()
     assert not (tmp_path / "exp" / "best.yaml").read_text().startswith("# PARTIAL")
+    fitted = trainrig.fit(trainrig.load_config(tmp_path / "exp" / "best.yaml", [f"out_dir={tmp_path / 'runs'}",
+                                                                               "epochs=1"]), progress="off")
+    assert [row["epoch"] for row in fitted.history] == [1] and fitted.run_dir.is_relative_to(tmp_path / "runs")
 
 
 def test_a_killed_trial_worker_restarts_from_its_last_checkpoint(tmp_path):
