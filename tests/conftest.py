@@ -3,8 +3,15 @@ import os
 import struct
 from pathlib import Path
 
-import pytest
-import torch
+# The suite runs two pytest workers, their CLI runs, spawned ranks and Ray's trial workers on 2 cores: many
+# more compute threads than cores. OpenMP threads that spin while they wait for each other then burn the
+# cores the others need (the smoke config's step took 0.44-1.5 s with libgomp's default ACTIVE wait policy
+# beside a running suite, 0.22 s with PASSIVE). Set before torch loads libgomp; inherited by every process
+# the tests start. Training speed on a machine of its own is measured in benchmarks/, without this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import trainrig
 
