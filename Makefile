@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test run data bench docs clean
+.PHONY: test test-cluster run data bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test module each at a time
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not gpu and not cluster"  # two workers, a test module each at a time
+
+test-cluster: $(STAMP)  # launcher: ray on a Ray cluster of its own (tests/test_ray.py): minutes, so a tier of its own
+	$(PY) -m pytest -q -m cluster
 
 data: $(STAMP)
 	$(PY) -m trainrig data

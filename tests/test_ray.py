@@ -14,6 +14,8 @@ import trainrig
 from trainrig.training import checkpoint
 from trainrig.parallel.launch import free_port
 
+pytestmark = pytest.mark.cluster  # ~2 min of a 2-core machine: its own tier, so make test stays under 8 min
+
 DDP = ["strategy=ddp", "devices=2", "threads=1", "data.synthetic_train=128", "data.synthetic_test=64",
        "data.batch_size=32", "data.flip=true", "epochs=2", "checkpoint.every_n_steps=2"]
 
