@@ -1,5 +1,6 @@
 """DDP with gloo on 2 CPU processes, torchrun, failure handling, DataParallel and model parallel on CPU."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -194,3 +195,17 @@ def test_gradual_unfreezing_rewraps_ddp(tiny_cfg):
     trained = checkpoint.load(result.run_dir / "checkpoints" / "last.pt")["model"]
     changed = {k.split(".")[0] for k in initial if "running" not in k and not torch.equal(initial[k], trained[k])}
     assert {"layer4", "layer3", "fc", "conv1"} <= changed and "layer1" not in changed  # epochs 2, 3 unfroze 4, 3
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and 2 CPUs")
+def test_default_threads_follow_the_cpus_the_process_may_use(tmp_path):
+    """Confined to one core (taskset; a container's or Slurm's cpuset alike), a run takes 1 thread, not the
+    machine's count."""
+    code = ("import trainrig; from trainrig.parallel import default_threads; "
+            "print(default_threads(trainrig.load_config(None), 1))")
+    confined = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert confined.stdout.split() == ["1"], confined.stderr[-2000:]
+    assert free.stdout.split() == [str(len(os.sched_getaffinity(0)))], free.stderr[-2000:]

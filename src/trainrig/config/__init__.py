@@ -135,7 +135,8 @@ class Config:
         "trainer fit --resume is the strict form (the checkpoint must exist).")
     epochs: int = opt(5, "Number of training epochs.", min=1)
     device: str = opt("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N.")
-    threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores divided among local processes.", min=0)
+    threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores this process may use (taskset, cpuset) "
+                          "divided among local processes.", min=0)
     precision: Literal["32", "16-mixed", "bf16-mixed", "64-true"] = opt(
         "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory | "
         "64-true (float64 weights and inputs: slow, for checking that two ways of computing agree).")

@@ -9,7 +9,6 @@ checkpoints, ``trainer predict`` and exports prepare images exactly as training 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -18,6 +17,7 @@ from torch.utils.data import Dataset
 
 from trainrig.config import Config, DataConfig
 from trainrig.errors import ConfigError, DataError
+from trainrig.machine import usable_cpus
 from trainrig.data import cifar, idx, imagefolder, synthetic
 from trainrig.data.augment import Augment
 from trainrig.data.batches import (BatchTransform, Batches, LoaderBatches, TensorBatches, augment_generator, epoch_generator, make_batches, sample_batch, shard_indices, worker_errors)
@@ -175,7 +175,7 @@ def _workers(cfg: DataConfig, local_world: int, ds: Dataset | None = None) -> in
         return cfg.num_workers
     if isinstance(ds, TensorSet) or (isinstance(ds, Prepared) and isinstance(ds.dataset, TensorSet)):
         return 0
-    return min(4, max((os.cpu_count() or 1) // max(local_world, 1), 1))
+    return min(4, max(usable_cpus() // max(local_world, 1), 1))
 
 
 def _cached(ds: Dataset, channels: int, size: int, workers: int) -> TensorSet:

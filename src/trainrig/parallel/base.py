@@ -20,6 +20,7 @@ from torch import nn
 
 from trainrig.config import Config
 from trainrig.errors import ConfigError
+from trainrig.machine import usable_cpus
 from trainrig.training import checkpoint
 from trainrig.training.state import TrainState
 
@@ -73,8 +74,9 @@ def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:
 
 
 def default_threads(cfg: Config, local_processes: int) -> int:
-    """CPU threads per process: the configured number, or this machine's cores shared among local processes."""
-    return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    """CPU threads per process: the configured number, or the cores this process may use (its affinity, not the
+    machine's count) shared among local processes."""
+    return cfg.threads or max(1, usable_cpus() // max(1, local_processes))
 
 
 def device_names(cfg: Config, auto_count: int) -> list[str]:

@@ -10,7 +10,6 @@ groups and restarts are Ray Train's.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -18,6 +17,7 @@ from trainrig.training import checkpoint
 from trainrig.training.callbacks import Callback
 from trainrig.config import Config
 from trainrig.errors import ConfigError, TrainrigError
+from trainrig.machine import usable_cpus
 from trainrig.parallel import STRATEGIES, run_workers, strategy_class
 from trainrig.parallel.launch import WorkerFailed
 from trainrig.training.preempt import STOP_FILE, Preempted, on_stop_signals, signal_name, stop_message
@@ -40,7 +40,7 @@ def start_ray(address: str | None, object_store_mb: int = 256, *, log_to_driver:
             raise ConfigError(f"address {address!r}: no Ray cluster to join there ({exc}); start one with "
                               f"'ray start --head' or leave the address null for a local Ray") from None
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20,
+        ray.init(address="local", num_cpus=usable_cpus(), object_store_memory=object_store_mb * 2**20,
                  **kwargs)  # "local": a new Ray of our own, never one an address file points at
 
 
