@@ -343,6 +343,12 @@ class Built(NamedTuple):
     test: Batches
     splits: Splits
 
+    def release(self) -> None:
+        """End the loaders' worker processes (LoaderBatches.release): a run's ``held``, or a caller's finally."""
+        for batches in (self.train, self.val, self.test):
+            if batches is not None:
+                batches.release()
+
 
 def build(cfg: DataConfig, *, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1,
           channels_last: bool = True, dtype: torch.dtype = torch.float32, splits: Splits | None = None,

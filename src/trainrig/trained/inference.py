@@ -174,9 +174,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
         test = evaluation.evaluate_report(trained.model, built.test, trained.classes, precision=cfg.precision,
                                           tta=cfg.eval.tta, mistakes=cfg.eval.mistakes, bins=cfg.eval.calibration_bins)
     finally:  # a streamed set's loader workers end now, not whenever the garbage collector gets to them
-        for batches in (built.train, built.val, built.test):
-            if batches is not None:
-                batches.release()
+        built.release()
     test = {"split": "test", "checkpoint": str(path), "epoch": trained.epoch, "seed": cfg.seed, "tta": cfg.eval.tta,
             **test}
     if out_dir is not None:

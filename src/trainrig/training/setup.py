@@ -65,11 +65,12 @@ def build_run(cfg: Config, resume: Resume, parts: UserParts, env: DistEnv, callb
     hooks.setup(model, strategy)
     cfg = _batch_and_compile(cfg, model, strategy, splits, layout, lines)
     steps = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * cfg.optim.accumulate)  # an optimizer
-    train, val, test, _ = data.build(  # step's batch: accumulate x batch_size, run as that many micro-batches
+    built = data.build(  # step's batch: accumulate x batch_size, run as that many micro-batches
         steps, device=strategy.device, seed=cfg.seed, rank=env.rank, world=env.world_size,
         channels_last=cfg.model.channels_last, dtype=dtype_of(cfg), splits=splits, local_world=env.local_world_size,
         num_classes=cfg.model.num_classes or 0)
-    held.extend(batches for batches in (train, val, test) if batches is not None)
+    held.append(built)
+    train, val, test = built.train, built.val, built.test
     state = _state(cfg, strategy, model, layout, len(train), plan.resume_from)
     stepper = Stepper(strategy, state, nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), cfg.precision,
                       train.batch_size // cfg.optim.accumulate, lambda text: hooks.on_message(run, text),
