@@ -138,7 +138,8 @@ class Config:
     threads: int = opt(0, "torch.set_num_threads for CPU work; 0 = the cores this process may use (taskset, cpuset) "
                           "divided among local processes.", min=0)
     precision: Literal["32", "16-mixed", "bf16-mixed", "64-true"] = opt(
-        "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory | "
+        "32", "32 | 16-mixed (autocast fp16 + GradScaler) | bf16-mixed (autocast bf16): less activation memory; on a CPU "
+        "without AVX512/AMX (fp16: AVX512-FP16/AMX-FP16) 10x or more slower than 32, and the log warns | "
         "64-true (float64 weights and inputs: slow, for checking that two ways of computing agree).")
     grad_checkpointing: bool = opt(
         False, "Recompute each backbone block's activations in backward instead of storing them: less memory, "

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainrig.data.batches import LoaderBatches
 from trainrig.errors import ConfigError
 from trainrig.config import Config
+from trainrig.machine import cpu_precision_warning
 from trainrig.parallel import DistEnv
 from trainrig.preflight.probe import batches, probe
 from trainrig.training.checkpoint import atomic_write_text
@@ -48,7 +49,7 @@ class ProfileResult:
     flops_per_step: int  # FlopCounterMode over one training step, this process
     achieved: float  # FLOP/s over the profiled steps
     peak: float | None  # the device's peak FLOP/s for this precision, when known
-    advice: str | None  # one line when the data wait is over 10%
+    advice: str | None  # lines: a precision this CPU emulates, a data wait over 10%
 
     @property
     def mfu(self) -> float | None:
@@ -125,6 +126,12 @@ def _peak(run: Run) -> float | None:
 
 
 def _advice(run: Run, share: float) -> str | None:
+    """What would make the step faster: a precision this CPU emulates, then data wait."""
+    notes = (cpu_precision_warning(run.cfg.precision, run.strategy.device.type), _data_advice(run, share))
+    return "\n".join(note for note in notes if note) or None
+
+
+def _data_advice(run: Run, share: float) -> str | None:
     if share <= DATA_WAIT_ADVICE:
         return None
     if isinstance(run.train, LoaderBatches):

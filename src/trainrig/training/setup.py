@@ -17,6 +17,7 @@ from torch import nn
 from trainrig import config as config_mod, data, models
 from trainrig.config import Config
 from trainrig.errors import ConfigError
+from trainrig.machine import cpu_precision_warning
 from trainrig.parallel import DistEnv, Strategy, default_threads, make_strategy
 from trainrig.training import checkpoint
 from trainrig.training.batch_size import auto_batch_size
@@ -109,6 +110,8 @@ def _finish(run: Run, env: DistEnv, resume: Resume, plan: Plan, lines: list[str]
     """config.yaml, the callbacks' on_fit_start, then the lines the build collected."""
     if env.is_main:
         checkpoint.atomic_write_text(run.run_dir / "config.yaml", config_mod.dump(run.cfg))
+    slow = cpu_precision_warning(run.cfg.precision, run.strategy.device.type)
+    lines += [slow] if slow else []
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if restarted and resume == "never":
         lines.append(f"warning: torchrun restart {restarted} without --resume auto: this attempt starts over "
