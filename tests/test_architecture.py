@@ -2,6 +2,8 @@
 code outside the strategies asking which strategy it runs under."""
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import trainrig
@@ -80,3 +82,14 @@ def test_only_strategies_ask_for_a_strategy_name():
     found = [f"{p.relative_to(SRC)}:{i}: {line.strip()}" for p in SRC.rglob("*.py") if "parallel" not in p.parts
              for i, line in enumerate(p.read_text().splitlines(), 1) if asks.search(line)]
     assert not found, found
+
+
+def test_importing_trainrig_leaves_the_heavy_libraries_for_later():
+    """``import trainrig`` (every CLI command, Ray trial worker and torchrun rank pays it) does not import
+    torchvision (which loads torch._dynamo: ~2 s of a fresh process's ~3 s), Ray, matplotlib or the loggers;
+    each is imported where it is used."""
+    heavy = ("torchvision", "ray", "matplotlib", "torch._dynamo", "tensorboard", "mlflow", "wandb")
+    code = f"import sys, trainrig.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]"], out.stdout

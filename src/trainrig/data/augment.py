@@ -17,14 +17,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from torchvision.transforms import v2
 
 from trainrig.config.settings import AugmentSettings
 
-POLICIES: dict[str, Callable[[AugmentSettings], v2.Transform]] = {
-    "randaugment": lambda s: v2.RandAugment(num_ops=s.num_ops, magnitude=s.magnitude),
-    "trivialaugment": lambda s: v2.TrivialAugmentWide(),
-    "autoaugment": lambda s: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+def _v2() -> Any:
+    """torchvision.transforms.v2, imported when a transform is made: importing torchvision costs a fresh process
+    ~2 s (it loads torch._dynamo), which every CLI command and worker that does not augment would pay."""
+    from torchvision.transforms import v2
+    return v2
+
+
+POLICIES: dict[str, Callable[[AugmentSettings], Any]] = {
+    "randaugment": lambda s: _v2().RandAugment(num_ops=s.num_ops, magnitude=s.magnitude),
+    "trivialaugment": lambda s: _v2().TrivialAugmentWide(),
+    "autoaugment": lambda s: _v2().AutoAugment(_v2().AutoAugmentPolicy.IMAGENET),
 }
 
 
@@ -62,28 +68,28 @@ class Augment:
         steps: list[Any] = []
         s = self.settings
         if s.resized_crop:
-            steps.append(v2.RandomResizedCrop(tuple(x.shape[-2:]), scale=tuple(s.resized_crop), antialias=True))
+            steps.append(_v2().RandomResizedCrop(tuple(x.shape[-2:]), scale=tuple(s.resized_crop), antialias=True))
         if s.policy != "none":
             steps.append(POLICIES[s.policy](s))
         if not steps:
             return x
         with seeded(gen, 1):
-            return _each(v2.Compose(steps), x)
+            return _each(_v2().Compose(steps), x)
 
     def erase(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """RandomErasing on normalised images: the rectangle becomes 0, the dataset's mean."""
         if not self.settings.erasing:
             return x
         with seeded(gen, 2):
-            return _each(v2.RandomErasing(p=self.settings.erasing, value=0), x)
+            return _each(_v2().RandomErasing(p=self.settings.erasing, value=0), x)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """MixUp or CutMix of the whole batch (one picked at random when both are on), with probability
         mix_prob; the labels become soft targets either way, so every batch has one type."""
         s = self.settings
         with seeded(gen, 3):
-            mixers = [v2.MixUp(alpha=s.mixup, num_classes=self.num_classes)] * bool(s.mixup) + \
-                     [v2.CutMix(alpha=s.cutmix, num_classes=self.num_classes)] * bool(s.cutmix)
+            mixers = [_v2().MixUp(alpha=s.mixup, num_classes=self.num_classes)] * bool(s.mixup) + \
+                     [_v2().CutMix(alpha=s.cutmix, num_classes=self.num_classes)] * bool(s.cutmix)
             if float(torch.rand(())) < s.mix_prob:
-                return v2.RandomChoice(mixers)(x, y)
+                return _v2().RandomChoice(mixers)(x, y)
         return x, torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype if x.is_floating_point() else torch.float32)

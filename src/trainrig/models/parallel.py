@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 RESNET_ORDER = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
@@ -78,4 +77,6 @@ class StagedResNet(nn.Module):
 def model_parallel_resnet50(devices: Sequence[str] = ("cuda:0", "cuda:1"), num_classes: int = 1000,
                             split_size: int | None = None) -> StagedResNet:
     """The source notes' ModelParallelResNet50 (conv1..layer2 | layer3..fc); pipelined with ``split_size``."""
+    import torchvision  # here, not at import: see data.augment._v2
+
     return StagedResNet(torchvision.models.resnet50(num_classes=num_classes), ["layer3"], devices, split_size)

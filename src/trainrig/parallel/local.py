@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import torchvision
 from torch import nn
 
 from trainrig.config import Config
@@ -57,6 +56,8 @@ class ModelParallelStrategy(Strategy):
         return f"{self.name} x1  devices: {', '.join(map(str, self.stage_devices))}"
 
     def setup(self, model: nn.Module) -> nn.Module:
+        import torchvision  # here, not at import: see data.augment._v2
+
         if not isinstance(model, torchvision.models.ResNet):
             raise ConfigError(f"strategy=model_parallel splits torchvision ResNets (model.arch resnet*, resnext*, "
                               f"wide_resnet*); {type(model).__name__} ({self.cfg.model.class_path or self.cfg.model.arch}) "
