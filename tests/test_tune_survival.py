@@ -19,6 +19,9 @@ from trainrig.search import tune
 
 from test_tune import SPACE, tune_cfg
 
+pytestmark = pytest.mark.cluster  # ~2 min of Ray Tune (two CLI searches with their own Ray): the cluster tier,
+# so make test stays under 8 min on a 2-core AVX2 EPYC too (481 s with it there)
+
 
 def _started(run: Path) -> float:
     """When a trial's fit began (it writes config.yaml first): Ray names a searcher's trials by a random id,
