@@ -130,8 +130,9 @@ def _pump(events: Any, acks: Any, local: Sequence[Callback]) -> None:
 
 
 # Ranks fork from a server that has imported trainrig, torch and what a rank imports later (torchvision's
-# models and transforms, which ``import trainrig`` leaves out, the final test's metrics, the plots) once, instead of every rank importing them again as with "spawn": a tiny 2-rank run
-# after the first takes 1.6 s instead of 9 s. Where there is no fork server (Windows), spawn.
+# models and transforms, which ``import trainrig`` leaves out, the final test's metrics, the plots) once,
+# instead of every rank importing them again as with "spawn": a tiny 2-rank run after the first takes 1.6 s
+# instead of 9 s. Where there is no fork server (Windows), spawn.
 START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 PRELOAD = ["trainrig", "torchvision", "torchmetrics.classification", "matplotlib.pyplot"]
 
