@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not gpu and not cluster"  # two workers, a test module each at a time
 
-test-cluster: $(STAMP)  # launcher: ray on a Ray cluster of its own (tests/test_ray.py), Tune survival (tests/test_tune_survival.py): minutes, so a tier of its own
+# launcher: ray on a Ray cluster of its own (tests/test_ray.py) and Tune survival (tests/test_tune_survival.py):
+# minutes, so a tier of its own
+test-cluster: $(STAMP)
 	$(PY) -m pytest -q -m cluster
 
 data: $(STAMP)

@@ -19,8 +19,9 @@ from trainrig.search import tune
 
 from test_tune import SPACE, tune_cfg
 
-pytestmark = pytest.mark.cluster  # ~2 min of Ray Tune (two CLI searches with their own Ray): the cluster tier,
-# so make test stays under 8 min on a 2-core AVX2 EPYC too (481 s with it there)
+# ~2 min of Ray Tune (two CLI searches, each with a Ray of its own): the cluster tier, so that make test stays
+# under 8 min on a 2-core AVX2 EPYC too (481 s with these tests there).
+pytestmark = pytest.mark.cluster
 
 
 def _started(run: Path) -> float:
